@@ -1,0 +1,1 @@
+"""Evaluation: attacks on releases, authorized fine-tuning, mask-recovery audits, reports."""

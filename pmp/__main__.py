@@ -1,0 +1,5 @@
+import sys
+
+from pmp.cli import main
+
+sys.exit(main())

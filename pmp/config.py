@@ -1,0 +1,321 @@
+"""Typed run configuration: dataclasses, YAML loading, ``--set a.b=value`` overrides, validation.
+
+Every field carries a one-line doc (with units) in its metadata; ``pmp <verb> --help`` prints them all.
+A misspelled key is an error naming the closest valid key, a value of the wrong type is an error naming the
+field and the expected type -- never a silent default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, **kw):
+    """A dataclass field with a help line attached."""
+    if default is dataclasses.MISSING and "default_factory" not in kw:
+        raise TypeError("doc() needs a default")
+    if default is dataclasses.MISSING:
+        return field(metadata={"doc": text}, **kw)
+    return field(default=default, metadata={"doc": text}, **kw)
+
+
+@dataclass
+class DataConfig:
+    cache_dir: str = doc("where prepared corpora, tasks, tokenizers and token blocks live ('' = ~/.cache/pmp)", "")
+    corpus: str = doc(
+        "pre-training text: 'default' (registry corpus, see `pmp data prepare`), or comma-separated local "
+        "files (txt/jsonl/csv/parquet), or 'hub:NAME' for a hub dataset (needs network)",
+        "default",
+    )
+    text_column: str = doc("column holding the text in jsonl/csv/parquet/hub corpora", "text")
+    max_chars: int = doc("use at most this many characters of the corpus (0 = all); keeps debug runs fast", 0)
+    val_fraction: float = doc("fraction of the corpus held out for perplexity (split by document, fixed)", 0.02)
+    seq_len: int = doc("tokens per training block (context length)", 256)
+
+
+@dataclass
+class TokenizerConfig:
+    path: str = doc("'' = train a byte-level BPE on the corpus (cached); else a local HF tokenizer directory", "")
+    vocab_size: int = doc("vocabulary size of the trained BPE (tokens)", 8192)
+
+
+@dataclass
+class ModelConfig:
+    preset: str = doc("named shape: tiny | small | base125m | tinyllama1b (see pmp/presets.py)", "small")
+    arch: str = doc("architecture family: llama | gpt2 ('' = the preset's)", "")
+    hidden_size: int = doc("override the preset's hidden size (0 = preset)", 0)
+    num_layers: int = doc("override the preset's number of layers (0 = preset)", 0)
+    num_heads: int = doc("override the preset's number of attention heads (0 = preset)", 0)
+    intermediate_size: int = doc("override the preset's MLP width (0 = preset)", 0)
+    init_seed: int | None = doc(
+        "seed for the initial weights; null = drawn from OS entropy (recommended: a pinned seed lets "
+        "anyone regenerate the init and read the frozen complement)",
+        None,
+    )
+
+
+@dataclass
+class TrainConfig:
+    method: str = doc("pmp (private mask pre-training) | dense (the baseline)", "pmp")
+    steps: int = doc("optimizer steps in total (for pmp: warm-up steps included)", 1000)
+    batch_size: int = doc("sequences per micro-batch", 16)
+    grad_accum: int = doc("micro-batches per optimizer step", 1)
+    lr: float = doc("peak learning rate", 3e-3)
+    min_lr_ratio: float = doc("final learning rate of the cosine schedule, as a fraction of lr", 0.1)
+    warmup_steps: int = doc("linear learning-rate warm-up (steps)", 50)
+    weight_decay: float = doc("AdamW decoupled weight decay", 0.1)
+    beta1: float = doc("AdamW beta1", 0.9)
+    beta2: float = doc("AdamW beta2", 0.95)
+    eps: float = doc("AdamW epsilon", 1e-8)
+    grad_clip: float = doc("clip the global gradient norm to this (0 = off)", 1.0)
+    data_seed: int = doc("seed of the batch order (independent of the init seed: equal seeds = equal batches)", 0)
+    eval_every: int = doc("held-out perplexity every N steps (0 = only at start and end)", 100)
+    eval_batches: int = doc("held-out micro-batches per evaluation (0 = the whole held-out split)", 20)
+    log_every: int = doc("one console line + one metrics.jsonl row every N steps", 10)
+    ckpt_every: int = doc("resumable checkpoint every N steps (0 = only at the end)", 200)
+    keep_last: int = doc("resumable checkpoints kept (older ones are deleted)", 2)
+    device: str = doc("auto | cpu | cuda | cuda:N", "auto")
+    bf16: bool = doc("bf16 autocast on CUDA (ignored on CPU)", True)
+    deterministic: bool = doc("deterministic algorithms (needed for bit-exact resume; slower on GPU)", True)
+    threads: int = doc("CPU threads for torch (0 = torch's default)", 0)
+    progress: bool = doc("show a progress bar", True)
+    tensorboard: bool = doc("also write TensorBoard events to RUN/tb (needs the tensorboard package)", False)
+
+
+@dataclass
+class PMPConfig:
+    density: float = doc("rho: fraction of entries in the private mask, in (0, 1]", 0.5)
+    scorer: str = doc("entry score for identification: grad | weight | weight_grad | random", "grad")
+    selection: str = doc("top-rho over all masked tensors together (global) or within each (per_tensor)", "global")
+    scope: str = doc("which parameters get a mask: all (embeddings, norms, lm_head too) | linear (2-D linear only)",
+                     "all")
+    block_size: int = doc("0 = unstructured mask; 64 or 128 = block mask on 2-D linear weights", 0)
+    ema_beta: float = doc("exponential smoothing of scores across warm-up steps (0 = raw per-step scores)", 0.98)
+    iou_threshold: float = doc("mask is stable when IoU of consecutive masks >= this ...", 0.99)
+    patience: int = doc("... for this many consecutive steps", 5)
+    min_warmup_steps: int = doc("never stop identification before this many dense steps", 20)
+    max_warmup_steps: int = doc("stop identification here even if the mask is not stable", 500)
+    rewind: bool = doc("reset all weights to their initial values after identification", True)
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pmp: PMPConfig = field(default_factory=PMPConfig)
+
+    def validate(self) -> RunConfig:
+        """Raise ValueError with an actionable sentence for any nonsense value."""
+        from pmp.presets import PRESETS  # local: presets import transformers lazily
+
+        d, t, m, p = self.data, self.train, self.model, self.pmp
+        _check(d.seq_len >= 8, "data.seq_len must be >= 8 tokens, got {}", d.seq_len)
+        _check(0 < d.val_fraction < 0.5, "data.val_fraction must be in (0, 0.5), got {}", d.val_fraction)
+        _check(d.max_chars >= 0, "data.max_chars must be >= 0 (0 = all), got {}", d.max_chars)
+        _check(self.tokenizer.vocab_size >= 300, "tokenizer.vocab_size must be >= 300 (256 bytes + specials), got {}",
+               self.tokenizer.vocab_size)
+        _check(m.preset in PRESETS, "model.preset must be one of {}, got {!r}", sorted(PRESETS), m.preset)
+        _check(m.arch in ("", "llama", "gpt2"), "model.arch must be llama or gpt2, got {!r}", m.arch)
+        for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
+            _check(getattr(m, k) >= 0, "model.{} must be >= 0 (0 = preset), got {}", k, getattr(m, k))
+        _check(t.method in ("pmp", "dense"), "train.method must be pmp or dense, got {!r}", t.method)
+        _check(t.steps >= 1, "train.steps must be >= 1, got {}", t.steps)
+        _check(t.batch_size >= 1, "train.batch_size must be >= 1, got {}", t.batch_size)
+        _check(t.grad_accum >= 1, "train.grad_accum must be >= 1, got {}", t.grad_accum)
+        _check(t.lr > 0, "train.lr must be > 0, got {}", t.lr)
+        _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1], got {}", t.min_lr_ratio)
+        _check(t.warmup_steps >= 0, "train.warmup_steps must be >= 0, got {}", t.warmup_steps)
+        _check(t.weight_decay >= 0, "train.weight_decay must be >= 0, got {}", t.weight_decay)
+        _check(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1/beta2 must be in [0, 1), got {}/{}", t.beta1, t.beta2)
+        _check(t.grad_clip >= 0, "train.grad_clip must be >= 0 (0 = off), got {}", t.grad_clip)
+        for k in ("eval_every", "eval_batches", "ckpt_every", "threads"):
+            _check(getattr(t, k) >= 0, "train.{} must be >= 0, got {}", k, getattr(t, k))
+        _check(t.log_every >= 1, "train.log_every must be >= 1, got {}", t.log_every)
+        _check(t.keep_last >= 1, "train.keep_last must be >= 1, got {}", t.keep_last)
+        _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+               "train.device must be auto, cpu, cuda or cuda:N, got {!r}", t.device)
+        _check(0 < p.density <= 1, "pmp.density (rho) must be in (0, 1], got {}", p.density)
+        _check(p.scorer in SCORERS, "pmp.scorer must be one of {}, got {!r}", SCORERS, p.scorer)
+        _check(p.selection in ("global", "per_tensor"), "pmp.selection must be global or per_tensor, got {!r}",
+               p.selection)
+        _check(p.scope in ("all", "linear"), "pmp.scope must be all or linear, got {!r}", p.scope)
+        _check(p.block_size in (0, 64, 128), "pmp.block_size must be 0, 64 or 128, got {}", p.block_size)
+        _check(0 <= p.ema_beta < 1, "pmp.ema_beta must be in [0, 1), got {}", p.ema_beta)
+        _check(0 < p.iou_threshold <= 1, "pmp.iou_threshold must be in (0, 1], got {}", p.iou_threshold)
+        _check(p.patience >= 1, "pmp.patience must be >= 1, got {}", p.patience)
+        _check(0 <= p.min_warmup_steps <= p.max_warmup_steps,
+               "pmp.min_warmup_steps must be in [0, max_warmup_steps={}], got {}", p.max_warmup_steps,
+               p.min_warmup_steps)
+        _check(p.max_warmup_steps >= 1, "pmp.max_warmup_steps must be >= 1, got {}", p.max_warmup_steps)
+        if t.method == "pmp":
+            _check(p.max_warmup_steps < t.steps,
+                   "pmp.max_warmup_steps ({}) must be < train.steps ({}) so masked training gets steps",
+                   p.max_warmup_steps, t.steps)
+        return self
+
+
+SCORERS = ("grad", "weight", "weight_grad", "random")
+
+
+def _check(ok: bool, msg: str, *args) -> None:
+    if not ok:
+        raise ValueError(msg.format(*args))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generic dataclass <-> dict machinery
+
+
+def field_docs(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type name, default, doc) for every leaf field, for --help."""
+    rows = []
+    inst = cls()
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        val = getattr(inst, f.name)
+        if dataclasses.is_dataclass(val):
+            rows += field_docs(type(val), key + ".")
+        else:
+            rows.append((key, _type_name(f.type), val, f.metadata.get("doc", "")))
+    return rows
+
+
+def _resolved_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp) -> str:
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """Check/convert a YAML or CLI value to the field's declared type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _unknown_key(key: str, valid: list[str]) -> ValueError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+    return ValueError(f"unknown config key {key!r}{hint}")
+
+
+def _apply(obj, data: dict, prefix: str = "") -> None:
+    hints = _resolved_types(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    all_keys = [prefix + n for n in names]
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise _unknown_key(key, all_keys)
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            if not isinstance(v, dict):
+                raise ValueError(f"{key}: expected a section (mapping), got {v!r}")
+            _apply(cur, v, key + ".")
+        else:
+            setattr(obj, k, _coerce(v, hints[k], key))
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    cfg = RunConfig()
+    _apply(cfg, data or {})
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=1e-3' -> (['train', 'lr'], 1e-3) with YAML scalar parsing of the value."""
+    if "=" not in text:
+        raise ValueError(f"--set expects key.sub=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """YAML file (optional) + --set overrides -> validated RunConfig."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file not found: {p} (see configs/ for recipes)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
+    for ov in overrides:
+        keys, value = parse_override(ov)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {ov}: {k} is not a section")
+        node[keys[-1]] = value
+    return config_from_dict(data).validate()
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Offline data: registry corpora and tasks, user files, tokenized block cache."""

@@ -1,0 +1,164 @@
+"""Compact masked training state: only masked entries have gradients, optimizer state and master values.
+
+For every masked tensor W (N entries, nnz masked) we keep one fp32 `compact` nn.Parameter of nnz values in the
+mask's canonical order (row-major order of masked entries); it is what the optimizer sees. The dense W stays a
+plain tensor in the stock module layout and is what the forward pass uses, so the model the release ships is
+exactly what training saw. After each optimizer step, `sync_()` writes the compact values into W at masked
+positions ("gradient routing"); nothing ever writes the complement, so it stays bit-exactly at its values.
+
+Two gradient paths:
+- nn.Linear weights: the module's forward is swapped for `MaskedLinearFunction`, whose backward computes dX
+  densely and the weight gradient only at masked entries (`pmp.kernels.masked_weight_grad`: the Triton SDDMM
+  on CUDA, a torch reference elsewhere). No dense dW is ever kept.
+- everything else (embeddings, norms, tied weights, GPT-2 Conv1D): autograd computes the dense gradient, and a
+  post-accumulate hook gathers it into the compact gradient and frees it at once.
+Parameters outside the mask's scope (e.g. norms under scope=linear) train densely as usual.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pmp.kernels import MaskLayout, gather_compact, masked_weight_grad, scatter_compact_
+
+
+class MaskedLinearFunction(torch.autograd.Function):
+    """y = x W^T + b with dW computed only at masked entries, returned as the gradient of `compact`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, compact, layout: MaskLayout):
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):  # do autocast's cast ourselves so backward sees the same operands
+            dt = torch.get_autocast_dtype(dev)
+            x, weight = x.to(dt), weight.to(dt)
+            bias = bias.to(dt) if bias is not None else None
+        with torch.autocast(dev, enabled=False):
+            y = F.linear(x, weight, bias)
+        ctx.save_for_backward(x, weight)
+        ctx.layout = layout
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dx = dy @ weight.to(dy.dtype) if ctx.needs_input_grad[0] else None
+        dbias = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+        dcompact = masked_weight_grad(dy, x, ctx.layout) if ctx.needs_input_grad[3] else None
+        return dx, None, dbias, dcompact, None
+
+
+def _masked_linear_forward(module: nn.Linear, compact: nn.Parameter, layout: MaskLayout):
+    def forward(x):
+        return MaskedLinearFunction.apply(x, module.weight, module.bias, compact, layout)
+
+    return forward
+
+
+@dataclass
+class MaskedTensor:
+    name: str
+    dense: nn.Parameter  # the module's own parameter, in the stock layout
+    compact: nn.Parameter  # fp32 master values of the masked entries, canonical order
+    layout: MaskLayout
+    path: str  # "linear" (SDDMM backward) or "generic" (dense grad gathered by a hook)
+
+
+class MaskedModel:
+    """Attaches compact masked state to a stock model; `detach()` restores the plain model."""
+
+    def __init__(self, model: nn.Module, layouts: dict[str, MaskLayout]):
+        self.model = model
+        named = dict(model.named_parameters())  # tied weights appear once, under their first name
+        missing = sorted(set(layouts) - set(named))
+        if missing:
+            raise ValueError(f"mask names parameters the model does not have: {missing[:5]}")
+        linear_of = {f"{mn}.weight": m for mn, m in model.named_modules() if isinstance(m, nn.Linear)}
+        shared = _shared_parameter_ids(model)
+        self.tensors: list[MaskedTensor] = []
+        self.dense_trained: dict[str, nn.Parameter] = {}
+        self._patched: list[nn.Module] = []
+        self._hooks = []
+        for name, p in named.items():
+            layout = layouts.get(name)
+            if layout is None:
+                self.dense_trained[name] = p
+                continue
+            if tuple(layout.shape) != tuple(p.shape):
+                raise ValueError(f"mask for {name} has shape {tuple(layout.shape)} but the parameter is "
+                                 f"{tuple(p.shape)}: the mask belongs to another model")
+            layout = layout.to(p.device)
+            compact = nn.Parameter(gather_compact(p.detach(), layout, dtype=torch.float32))
+            module = linear_of.get(name)
+            if module is not None and id(p) not in shared:
+                p.requires_grad_(False)
+                module.forward = _masked_linear_forward(module, compact, layout)
+                self._patched.append(module)
+                path = "linear"
+            else:
+                p.requires_grad_(True)
+                self._hooks.append(p.register_post_accumulate_grad_hook(_gather_grad_hook(compact, layout)))
+                path = "generic"
+            self.tensors.append(MaskedTensor(name, p, compact, layout, path))
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay on entries of >= 2-D tensors, none on norms and biases (same rule as dense)."""
+        decay = [t.compact for t in self.tensors if t.dense.dim() >= 2]
+        decay += [p for p in self.dense_trained.values() if p.dim() >= 2]
+        no_decay = [t.compact for t in self.tensors if t.dense.dim() < 2]
+        no_decay += [p for p in self.dense_trained.values() if p.dim() < 2]
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [t.compact for t in self.tensors] + list(self.dense_trained.values())
+
+    @torch.no_grad()
+    def sync_(self) -> None:
+        """Write compact values into the dense weights at masked positions (the complement is never touched)."""
+        for t in self.tensors:
+            scatter_compact_(t.dense.data, t.compact.data, t.layout)
+
+    def masked_count(self) -> int:
+        return sum(t.layout.nnz for t in self.tensors)
+
+    def state_bytes(self, optimizer: torch.optim.Optimizer | None = None) -> dict:
+        """Bytes of trainable state: compact master + gradients + optimizer moments + mask layouts."""
+        master = sum(t.compact.numel() * 4 for t in self.tensors)
+        dense = sum(p.numel() * p.element_size() for p in self.dense_trained.values())
+        grads = master + dense
+        opt = 0
+        if optimizer is not None:
+            for st in optimizer.state.values():
+                opt += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v) and v.dim())
+        masks = sum(t.layout.words.numel() * 4 + t.layout.word_prefix.numel() * 4 for t in self.tensors)
+        return {"master": master, "grads": grads, "optimizer": opt, "mask": masks}
+
+    def detach(self) -> nn.Module:
+        """Restore stock forwards, drop hooks; the model's weights keep their trained values."""
+        for m in self._patched:
+            del m.forward
+        for h in self._hooks:
+            h.remove()
+        for t in self.tensors:
+            t.dense.requires_grad_(True)
+        self._patched, self._hooks = [], []
+        return self.model
+
+
+def _gather_grad_hook(compact: nn.Parameter, layout: MaskLayout):
+    def hook(p: torch.Tensor) -> None:
+        g = gather_compact(p.grad, layout, dtype=torch.float32)
+        compact.grad = g if compact.grad is None else compact.grad.add_(g)
+        p.grad = None  # the dense gradient lives only for this moment
+
+    return hook
+
+
+def _shared_parameter_ids(model: nn.Module) -> set[int]:
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {i for i, c in seen.items() if c > 1}

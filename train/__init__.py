@@ -1,0 +1,1 @@
+"""The trainer: dense warm-up, mask identification, rewind, masked pre-training."""

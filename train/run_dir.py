@@ -1,0 +1,115 @@
+"""The private run directory: its layout, and the rules for starting, resuming and refusing.
+
+RUN/
+  run.json            status (running | finished), method, step, versions
+  config.yaml         the resolved config of the run
+  metrics.jsonl       one JSON object per log step / eval / identification step
+  tokenizer/          the tokenizer the run used (HF fast tokenizer files)
+  checkpoints/        resumable checkpoints (see train/checkpoint.py)
+  private/            NEVER published: mask, initial weights + seed, identification history
+  final/              the final private model (stock HF directory; `pmp export` makes the public release)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from pmp.atomic import write_json, write_text
+from pmp.config import RunConfig, config_from_dict, dump_yaml, to_dict
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def status(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def private(self) -> Path:
+        return self.root / "private"
+
+    @property
+    def final(self) -> Path:
+        return self.root / "final"
+
+    def is_run(self) -> bool:
+        return self.status.is_file()
+
+    def read_status(self) -> dict:
+        if not self.status.is_file():
+            raise FileNotFoundError(f"{self.root} is not a pmp run directory (no run.json)")
+        return json.loads(self.status.read_text())
+
+    def write_status(self, **fields) -> None:
+        cur = self.read_status() if self.status.is_file() else {}
+        cur.update(fields)
+        write_json(self.status, cur)
+
+    def load_config(self) -> RunConfig:
+        if not self.config.is_file():
+            raise FileNotFoundError(f"{self.root} has no config.yaml: not a pmp run directory")
+        return config_from_dict(yaml.safe_load(self.config.read_text())).validate()
+
+
+def start_run(out: str | Path, cfg: RunConfig, resume: bool) -> RunDir:
+    """Create a fresh run directory, or check that `out` is the same run when resuming.
+
+    Refuses to write into a directory that holds anything else -- another run or unrelated files -- so nothing
+    the user has is ever overwritten.
+    """
+    run = RunDir(Path(out))
+    if resume:
+        if not run.is_run():
+            raise FileNotFoundError(f"--resume: {run.root} holds no pmp run to resume (no run.json)")
+        saved = run.load_config()
+        if to_dict(saved) != to_dict(cfg):
+            diff = _diff(to_dict(saved), to_dict(cfg))
+            raise ValueError(f"--resume: the config differs from the one {run.root} was started with ({diff}); "
+                             "resume without a config (or with the same one) or start a new --out directory")
+        return run
+    if run.root.exists():
+        if not run.root.is_dir():
+            raise FileExistsError(f"--out {run.root} exists and is not a directory")
+        if run.is_run():
+            raise FileExistsError(f"--out {run.root} already holds a pmp run; pass --resume to continue it, or "
+                                  "choose a new directory")
+        if any(run.root.iterdir()):
+            raise FileExistsError(f"--out {run.root} is not empty; choose a new or empty directory")
+    run.root.mkdir(parents=True, exist_ok=True)
+    write_text(run.config, dump_yaml(cfg))
+    run.write_status(status="running", method=cfg.train.method, step=0)
+    return run
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> str:
+    out = []
+    for k in a:
+        if isinstance(a[k], dict):
+            d = _diff(a[k], b.get(k, {}), f"{prefix}{k}.")
+            if d:
+                out.append(d)
+        elif a[k] != b.get(k):
+            out.append(f"{prefix}{k}: {a[k]!r} -> {b.get(k)!r}")
+    return ", ".join(out)
