@@ -14,11 +14,6 @@ from .triton_utils import check_device, popcount32
 
 
 @triton.jit
-def _bit_or(a, b):
-    return a | b
-
-
-@triton.jit
 def _pack_kernel(
     mask_ptr, words_ptr,
     C, W, n_words_total,
@@ -34,7 +29,8 @@ def _pack_kernel(
     in_bounds = (offs < n_words_total)[:, None] & (offs_c < C)
     m = tl.load(mask_ptr + r[:, None] * stride_mr + offs_c, mask=in_bounds, other=0)
     lanes = (m != 0).to(tl.uint32) << bit[None, :].to(tl.uint32)
-    word = tl.reduce(lanes, 1, _bit_or).to(tl.int32, bitcast=True)
+    # distinct powers of two: their sum is their OR (tl.reduce with a custom combine is ~100x slower interpreted)
+    word = tl.sum(lanes, 1).to(tl.uint32).to(tl.int32, bitcast=True)
     tl.store(words_ptr + r * stride_wr + w, word, mask=offs < n_words_total)
 
 

@@ -67,6 +67,15 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def _quiet_libraries() -> None:
+    """Our own progress bar and log lines are enough; silence the libraries' per-call bars."""
+    import datasets
+    import transformers
+
+    datasets.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 COMMANDS = {("data", "prepare"): cmd_data_prepare, ("pretrain", None): cmd_pretrain}
 
 
@@ -74,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     key = (args.verb, getattr(args, "data_verb", None))
     warnings.simplefilter("default")
+    _quiet_libraries()
     from pmp.train.checkpoint import CheckpointError
 
     try:

@@ -73,11 +73,11 @@ class RunDir:
         return config_from_dict(yaml.safe_load(self.config.read_text())).validate()
 
 
-def start_run(out: str | Path, cfg: RunConfig, resume: bool) -> RunDir:
-    """Create a fresh run directory, or check that `out` is the same run when resuming.
+def open_run(out: str | Path, cfg: RunConfig, resume: bool) -> RunDir:
+    """Check that `out` may take a fresh run (or is the same run, when resuming); writes nothing.
 
-    Refuses to write into a directory that holds anything else -- another run or unrelated files -- so nothing
-    the user has is ever overwritten.
+    Refuses a directory that holds anything else -- another run or unrelated files -- so nothing the user has is
+    ever overwritten. Call `initialize_run` once the inputs have loaded, so bad input leaves no half-made run.
     """
     run = RunDir(Path(out))
     if resume:
@@ -97,10 +97,14 @@ def start_run(out: str | Path, cfg: RunConfig, resume: bool) -> RunDir:
                                   "choose a new directory")
         if any(run.root.iterdir()):
             raise FileExistsError(f"--out {run.root} is not empty; choose a new or empty directory")
+    return run
+
+
+def initialize_run(run: RunDir, cfg: RunConfig) -> None:
+    """Create the run directory with its config and status (fresh runs only)."""
     run.root.mkdir(parents=True, exist_ok=True)
     write_text(run.config, dump_yaml(cfg))
     run.write_status(status="running", method=cfg.train.method, step=0)
-    return run
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> str:

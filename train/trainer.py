@@ -25,7 +25,7 @@ from pmp.masked_state import MaskedModel
 from pmp.model import build_model, count_parameters, draw_init_seed, hf_config
 from pmp.train.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pmp.train.logger import RunLogger, memory_mb
-from pmp.train.run_dir import RunDir, start_run
+from pmp.train.run_dir import RunDir, initialize_run, open_run
 from pmp.train.schedule import lr_at
 
 
@@ -61,8 +61,13 @@ class Trainer:
             torch.set_num_threads(t.threads)
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=self.device.type == "cuda")
-        self.run = start_run(out, cfg, resume)
+        self.run = open_run(out, cfg, resume)
         self.tokenizer, self.train_blocks, self.val_blocks = self._load_data(resume)
+        if not resume:
+            initialize_run(self.run, cfg)
+        if not self.run.tokenizer.is_dir():
+            with atomic_dir(self.run.tokenizer, overwrite=True) as tmp:
+                self.tokenizer.save_pretrained(str(tmp))
 
         from pmp.data.blocks import BatchStream
 
@@ -106,8 +111,6 @@ class Trainer:
             tok = AutoTokenizer.from_pretrained(str(self.run.tokenizer))
         else:
             tok = get_tokenizer(self.cfg.tokenizer, train_docs, d.cache_dir)
-            with atomic_dir(self.run.tokenizer, overwrite=True) as tmp:
-                tok.save_pretrained(str(tmp))
         train_blocks = token_blocks(tok, train_docs, d.seq_len, d.cache_dir, tag="train")
         val_blocks = token_blocks(tok, val_docs, d.seq_len, d.cache_dir, tag="val")
         return tok, train_blocks, val_blocks
@@ -185,6 +188,7 @@ class Trainer:
                 g["lr"] = lr
             loss = self._forward_backward()
             rec = self.identifier.observe(self.step + 1) if self.phase == "identify" else None
+            step_phase = self.phase
             grad_norm = self._clip()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -201,9 +205,9 @@ class Trainer:
                     self._finish_identification(rec)
             if self.step % t.log_every == 0 or self.step == t.steps:
                 dt = time.perf_counter() - t0
-                row = {"step": self.step, "phase": self.phase, "loss": window_loss / window_steps, "lr": lr,
+                row = {"step": self.step, "phase": step_phase, "loss": window_loss / window_steps, "lr": lr,
                        "grad_norm": grad_norm, "tokens_per_s": toks / dt, "mem_mb": memory_mb(self.device)}
-                self.log.log(row, f"step {self.step:6d} | {self.phase:8s} | loss {row['loss']:.4f} | lr {lr:.2e} | "
+                self.log.log(row, f"step {self.step:6d} | {step_phase:8s} | loss {row['loss']:.4f} | lr {lr:.2e} | "
                                   f"{row['tokens_per_s']:8.0f} tok/s | mem {row['mem_mb']:.0f} MB")
                 window_loss, window_steps, t0, toks = 0.0, 0, time.perf_counter(), 0
             if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
@@ -219,7 +223,7 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16()):
                 loss = self.model(input_ids=batch, labels=batch).loss
             (loss / t.grad_accum).backward()
-            total += float(loss) / t.grad_accum
+            total += loss.item() / t.grad_accum
         return total
 
     def _bf16(self) -> bool:

@@ -69,7 +69,7 @@ def _hub_documents(name: str, text_column: str) -> list[str]:
     if text_column not in ds.column_names:
         raise ValueError(f"hub dataset {name!r} has no column {text_column!r}; columns present: "
                          f"{', '.join(ds.column_names)} (set data.text_column)")
-    return [Document(t, name) for t in ds[text_column] if t and t.strip()]
+    return [Document(t, name) for t in list(ds[text_column]) if t and t.strip()]
 
 
 def interleave(docs: list[str]) -> list[str]:
@@ -100,7 +100,7 @@ def split_documents(docs: list[str], val_fraction: float,
                     sources: list[str] | None = None) -> tuple[list[str], list[str]]:
     """Fixed (seed-free) document-level split -> (train, val).
 
-    Per source (``sources``, else each document's ``.source``): k = round(val_fraction * n) evenly spaced
+    Per source (``sources``, else each document's ``.source``): k = round(val_fraction * n) (half up) evenly spaced
     documents go to val; a source where k == 0 instead gives val the tail of its last document, cut at a line
     break, about val_fraction of the source's characters. So every source is represented in val, val is
     nonempty for any nonempty corpus, and a single document is split by characters.
@@ -118,14 +118,16 @@ def split_documents(docs: list[str], val_fraction: float,
     cut: dict[int, int] = {}  # document index -> char position where its val tail starts
     for idx in groups.values():
         n = len(idx)
-        k = min(round(val_fraction * n), n - 1)
+        k = min(int(val_fraction * n + 0.5), n - 1)
         if k >= 1:
             to_val |= {idx[min(n - 1, int((j + 0.5) * n / k))] for j in range(k)}
             continue
         last = idx[-1]
         doc = docs[last]
         val_chars = max(1, round(val_fraction * sum(len(docs[i]) for i in idx)))
-        if len(doc) < 2:
+        if len(doc) < 2:  # too short to cut: the whole document, if the source keeps another for train
+            if n >= 2:
+                to_val.add(last)
             continue
         pos = max(1, len(doc) - min(val_chars, len(doc) - 1))
         nl = doc.find("\n", pos)

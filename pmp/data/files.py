@@ -93,7 +93,7 @@ def read_file(path: str | Path) -> datasets.Dataset:
 def _column(ds: datasets.Dataset, name: str, path, what: str) -> list:
     if name not in ds.column_names:
         raise ValueError(f"{path} has no {what} column {name!r}; columns present: {', '.join(ds.column_names)}")
-    return ds[name]
+    return list(ds[name])
 
 
 def load_text_files(paths: list[str], text_column: str = "text") -> list[str]:
@@ -120,8 +120,8 @@ def load_labelled_file(path: str, text_column: str = "text", label_column: str =
     """A labelled file -> Dataset with columns ``text`` (str) and ``label`` (a `datasets.ClassLabel`).
 
     The label names live in ``ds.features["label"].names``. String labels are mapped to 0..K-1 in sorted order;
-    non-negative integer (or boolean) labels are kept as class ids (names '0'..'K-1'); integers with
-    negatives (e.g. -1/1) are mapped in sorted order (names are their string forms). Float labels (regression) are rejected.
+    non-negative integer (or boolean) labels are kept as class ids (names '0'..'K-1'); integers with negatives
+    (e.g. -1/1) are mapped in sorted order (names are their string forms). Float labels (regression) are rejected.
     """
     p, builder, _ = _format(path)
     if builder == "text":

@@ -466,7 +466,8 @@ def _summary(root: Path, m: dict, log) -> None:
     rows = [("what", "size", "where")]
     chars = sum(b["chars"] for b in m["corpus"].values())
     rows.append((f"corpus ({len(m['corpus'])} books)", f"{chars:,} chars", str(root / "corpus")))
-    for name, t in m["tasks"].items():
+    for name in sorted(m["tasks"], key=lambda n: list(TASKS).index(n) if n in TASKS else len(TASKS)):
+        t = m["tasks"][name]
         if t["kind"] == "lm":
             size = f"{t['train']['chars']:,} / {t['test']['chars']:,} chars"
         else:

