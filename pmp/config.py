@@ -136,7 +136,8 @@ class RunConfig:
         _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1], got {}", t.min_lr_ratio)
         _check(t.warmup_steps >= 0, "train.warmup_steps must be >= 0, got {}", t.warmup_steps)
         _check(t.weight_decay >= 0, "train.weight_decay must be >= 0, got {}", t.weight_decay)
-        _check(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1/beta2 must be in [0, 1), got {}/{}", t.beta1, t.beta2)
+        _check(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1/beta2 must be in [0, 1), got {}/{}",
+               t.beta1, t.beta2)
         _check(t.grad_clip >= 0, "train.grad_clip must be >= 0 (0 = off), got {}", t.grad_clip)
         for k in ("eval_every", "eval_batches", "ckpt_every", "threads"):
             _check(getattr(t, k) >= 0, "train.{} must be >= 0, got {}", k, getattr(t, k))

@@ -15,6 +15,10 @@ import time
 from pathlib import Path
 
 import torch
+from pmp.train.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pmp.train.logger import RunLogger, memory_mb
+from pmp.train.run_dir import RunDir, initialize_run, open_run
+from pmp.train.schedule import lr_at
 from safetensors.torch import load_file
 
 from pmp.atomic import atomic_dir, atomic_file, sha256_file, write_json
@@ -23,10 +27,6 @@ from pmp.identify import MaskIdentifier
 from pmp.mask import PrivateMask
 from pmp.masked_state import MaskedModel
 from pmp.model import build_model, count_parameters, draw_init_seed, hf_config
-from pmp.train.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from pmp.train.logger import RunLogger, memory_mb
-from pmp.train.run_dir import RunDir, initialize_run, open_run
-from pmp.train.schedule import lr_at
 
 
 def pretrain(cfg: RunConfig, out: str | Path, resume: bool = False) -> RunDir:
@@ -249,7 +249,8 @@ class Trainer:
         self.model.train()
         val = sum(losses) / max(len(losses), 1)
         self.log.log({"step": self.step, "phase": self.phase, "val_loss": val, "val_ppl": math.exp(val)},
-                     f"step {self.step:6d} | {self.phase:8s} | held-out loss {val:.4f} | perplexity {math.exp(val):.2f}")
+                     f"step {self.step:6d} | {self.phase:8s} | held-out loss {val:.4f} | "
+                     f"perplexity {math.exp(val):.2f}")
         self.last_val = val
         return val
 
