@@ -181,12 +181,11 @@ def masked_weight_grad_blocks(
     if T == 0:
         return out.zero_()
     cfg = _tile_config(dy.dtype)
-    block_k = cfg["BLOCK_K"] if layout.block_size <= 64 or is_interpreting() else 32
     _block_sddmm_kernel[(n_active,)](
         dy_TO, x_TI, layout.active_blocks, layout.word_prefix, out,
         T, O, I,
         dy_TO.stride(0), dy_TO.stride(1), x_TI.stride(0), x_TI.stride(1), layout.word_prefix.stride(0),
-        BLOCK=layout.block_size, BLOCK_K=block_k,
+        BLOCK=layout.block_size, BLOCK_K=cfg["BLOCK_K"],
         UPCAST=upcast_flag(dy), INPUT_PRECISION=_input_precision(dy.dtype),
         num_warps=cfg["num_warps"] if layout.block_size >= 128 else 4, num_stages=cfg["num_stages"],
     )

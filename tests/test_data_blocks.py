@@ -7,6 +7,12 @@ import torch
 from pmp.data.blocks import BatchStream, eval_batches, token_blocks
 
 
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Never read or write the user's real cache (tests pass cache_dir explicitly; this catches a forgotten one)."""
+    monkeypatch.setenv("PMP_CACHE", str(tmp_path / "default-pmp-cache"))
+
+
 class ByteTok:
     """Minimal tokenizer: id = byte + 1, eos = 0; counts calls to check the cache."""
 

@@ -10,8 +10,10 @@ from pmp.data.files import Document, chunk_text, load_labelled_file, load_text_f
 
 
 @pytest.fixture(autouse=True)
-def _hf_cache(tmp_path, monkeypatch):
+def _isolated_caches(tmp_path, monkeypatch):
+    """Never touch the user's real caches (pmp's or the datasets one)."""
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("PMP_CACHE", str(tmp_path / "default-pmp-cache"))
 
 
 def _paras(n, words=30, tag="p"):
@@ -135,3 +137,20 @@ def test_load_documents_local_files(tmp_path):
         load_documents(DataConfig(corpus=str(tmp_path / "none.txt")))
     with pytest.raises(ValueError, match="empty"):
         load_documents(DataConfig(corpus=" , "))
+
+
+def test_hub_corpus_errors_and_rows(monkeypatch):
+    import datasets
+
+    def offline(name, split):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(RuntimeError, match=r"hub dataset 'someone/books'.*network"):
+        load_documents(DataConfig(corpus="hub:someone/books"))
+    ds = datasets.Dataset.from_dict({"content": ["first row", "", "second row"]})
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: ds)
+    with pytest.raises(ValueError, match=r"no column 'text'.*content"):
+        load_documents(DataConfig(corpus="hub:someone/books"))
+    docs = load_documents(DataConfig(corpus="hub:someone/books", text_column="content"))
+    assert docs == ["first row", "second row"] and docs[0].source == "someone/books"

@@ -34,6 +34,15 @@ def _hutto(n):
     return ("\r\n".join(rows) + "\r\n").encode()
 
 
+REAL_CACHE = str(prep.cache_root())  # read before the fixture below redirects the default
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Never read or write the user's real cache by accident: the default cache points into tmp_path."""
+    monkeypatch.setenv("PMP_CACHE", str(tmp_path / "default-pmp-cache"))
+
+
 def _raw_files():
     trec = "".join(f"{lab}:x Question {i} about {lab.lower()} ?\n" for i in range(60)
                    for lab in [["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"][i % 6]])
@@ -259,13 +268,13 @@ def test_default_corpus_documents(tmp_path, fake_sources):
 # ---------------------------------------------------------------------------------------------------------
 # The real cache (after `pmp data prepare`): skipped when absent.
 
-real_cache = pytest.mark.skipif(not prep.is_prepared(), reason="real data not prepared (run pmp data prepare)")
+real_cache = pytest.mark.skipif(not prep.is_prepared(REAL_CACHE), reason="real data not prepared (pmp data prepare)")
 
 
 @pytest.mark.slow
 @real_cache
 def test_real_corpus():
-    docs = load_documents(DataConfig())
+    docs = load_documents(DataConfig(cache_dir=REAL_CACHE))
     assert sum(map(len, docs)) >= prep.MIN_CORPUS_CHARS and len({d.source for d in docs}) == len(prep.BOOKS)
     train, val = split_documents(docs, 0.02)
     assert {d.source for d in val} == set(prep.BOOKS)
@@ -275,6 +284,6 @@ def test_real_corpus():
 @real_cache
 @pytest.mark.parametrize("name", list(TASKS))
 def test_real_tasks(name):
-    t = load_task(name)
+    t = load_task(name, REAL_CACHE)
     assert len(t.train) >= 0.8 * prep.TASK_MIN[name] if t.kind != "lm" else len(t.train) > 1000
     assert not set(t.train["text"]) & set(t.test["text"])

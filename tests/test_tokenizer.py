@@ -9,6 +9,12 @@ from pmp.config import TokenizerConfig
 DOCS = [f"Chapter {i}. It was a bright cold day in April, and the clocks were striking {i}. " * 3 for i in range(20)]
 
 
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Never read or write the user's real cache (tests pass cache_dir explicitly; this catches a forgotten one)."""
+    monkeypatch.setenv("PMP_CACHE", str(tmp_path / "default-pmp-cache"))
+
+
 def test_trained_bpe_specials_and_round_trip(tmp_path):
     tok = tk.get_tokenizer(TokenizerConfig(vocab_size=320), DOCS, cache_dir=str(tmp_path))
     assert len(tok) == 320

