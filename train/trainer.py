@@ -241,13 +241,14 @@ class Trainer:
         from pmp.data.blocks import eval_batches
 
         self.model.eval()
-        losses = []
+        total, count = 0.0, 0
         for batch in eval_batches(self.val_blocks, self.cfg.train.batch_size, self.cfg.train.eval_batches):
             batch = batch.to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16()):
-                losses.append(float(self.model(input_ids=batch, labels=batch).loss))
+                loss = float(self.model(input_ids=batch, labels=batch).loss)
+            total, count = total + loss * len(batch), count + len(batch)  # the last batch may be smaller
         self.model.train()
-        val = sum(losses) / max(len(losses), 1)
+        val = total / max(count, 1)
         self.log.log({"step": self.step, "phase": self.phase, "val_loss": val, "val_ppl": math.exp(val)},
                      f"step {self.step:6d} | {self.phase:8s} | held-out loss {val:.4f} | "
                      f"perplexity {math.exp(val):.2f}")
