@@ -32,6 +32,43 @@ def select_top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return sel
 
 
+def select_units(scores: torch.Tensor, sizes: torch.Tensor | None, k: int) -> torch.Tensor:
+    """Choose units (entries, or blocks of `sizes` entries) by descending score, ties to the lower index,
+    until about k entries are chosen: the last unit is taken when that lands closer to k than stopping."""
+    if sizes is None:
+        return select_top(scores, k)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    cum = torch.cumsum(sizes.flatten()[order], 0)
+    n = int(torch.searchsorted(cum, torch.tensor(k, device=cum.device), right=True))  # units fully within k
+    if n < len(cum) and (cum[n] - k) < (k - (cum[n - 1] if n else 0)):
+        n += 1
+    sel = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    sel[order[:n]] = True
+    return sel
+
+
+def block_scores(score: torch.Tensor, bs: int) -> torch.Tensor:
+    """Mean score of each bs x bs block of a 2-D tensor (edge blocks averaged over their real entries)."""
+    rows, cols = score.shape
+    rb, cb = -(-rows // bs), -(-cols // bs)
+    padded = torch.zeros(rb * bs, cb * bs, dtype=score.dtype, device=score.device)
+    padded[:rows, :cols] = score
+    return padded.view(rb, bs, cb, bs).sum((1, 3)) / block_sizes(score.shape, bs).to(score.device)
+
+
+def block_sizes(shape: torch.Size, bs: int) -> torch.Tensor:
+    """Number of real entries in each block (edge blocks are smaller)."""
+    rows, cols = shape
+    r = torch.full((-(-rows // bs),), bs, dtype=torch.int64)
+    c = torch.full((-(-cols // bs),), bs, dtype=torch.int64)
+    r[-1], c[-1] = rows - bs * (len(r) - 1), cols - bs * (len(c) - 1)
+    return r[:, None] * c[None, :]
+
+
+def expand_blocks(block_mask: torch.Tensor, bs: int, shape: torch.Size) -> torch.Tensor:
+    return block_mask.repeat_interleave(bs, 0).repeat_interleave(bs, 1)[: shape[0], : shape[1]].contiguous()
+
+
 def mask_iou(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     inter = sum(int((a[n] & b[n]).sum()) for n in a)
     union = sum(int((a[n] | b[n]).sum()) for n in a)
@@ -41,9 +78,11 @@ def mask_iou(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 class MaskIdentifier:
     """Accumulates smoothed scores over warm-up steps and decides when the mask is stable."""
 
-    def __init__(self, params: dict[str, torch.nn.Parameter], cfg: PMPConfig):
+    def __init__(self, params: dict[str, torch.nn.Parameter], cfg: PMPConfig, block_names: set[str] = frozenset()):
+        """`block_names`: 2-D tensors that get whole-block masks when cfg.block_size > 0 (linear weights)."""
         self.params = params
         self.cfg = cfg
+        self.block_names = set(block_names) if cfg.block_size else set()
         self.ema: dict[str, torch.Tensor] = {}
         self.prev: dict[str, torch.Tensor] | None = None
         self.stable_steps = 0
@@ -87,15 +126,29 @@ class MaskIdentifier:
         return rec
 
     def current_mask(self) -> dict[str, torch.Tensor]:
-        rho = self.cfg.density
+        """Top-rho of the smoothed scores; whole blocks for the tensors in `block_names`."""
+        rho, bs = self.cfg.density, self.cfg.block_size
+        units = {n: block_scores(s, bs) if n in self.block_names else s for n, s in self.ema.items()}
+        sizes = {n: block_sizes(s.shape, bs).to(s.device) if n in self.block_names else None for n, s in self.ema.items()}
         if self.cfg.selection == "per_tensor":
-            return {n: select_top(s.flatten(), round(rho * s.numel())).view(s.shape) for n, s in self.ema.items()}
-        flat = torch.cat([s.flatten() for s in self.ema.values()])
-        sel = select_top(flat, round(rho * flat.numel()))
-        out, i = {}, 0
+            sel = {n: select_units(u.flatten(), sizes[n], round(rho * self.ema[n].numel())) for n, u in units.items()}
+        else:
+            flat = torch.cat([u.flatten() for u in units.values()])
+            flat_sizes = None
+            if self.block_names:
+                flat_sizes = torch.cat([sizes[n].flatten() if sizes[n] is not None
+                                        else torch.ones(u.numel(), dtype=torch.int64, device=u.device)
+                                        for n, u in units.items()])
+            total = sum(s.numel() for s in self.ema.values())
+            chosen = select_units(flat, flat_sizes, round(rho * total))
+            sel, i = {}, 0
+            for n, u in units.items():
+                sel[n] = chosen[i:i + u.numel()]
+                i += u.numel()
+        out = {}
         for n, s in self.ema.items():
-            out[n] = sel[i:i + s.numel()].view(s.shape)
-            i += s.numel()
+            m = sel[n].view(units[n].shape)
+            out[n] = expand_blocks(m, bs, s.shape) if n in self.block_names else m
         return out
 
     def state_dict(self) -> dict:

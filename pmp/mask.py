@@ -29,8 +29,11 @@ class PrivateMask:
     meta: dict = field(default_factory=dict)
 
     @classmethod
-    def from_bool(cls, masks: dict[str, torch.Tensor], meta: dict | None = None, block_size: int = 0) -> PrivateMask:
-        layouts = {n: MaskLayout.from_bool(m.detach().cpu(), block_size=block_size if m.dim() == 2 else 0)
+    def from_bool(cls, masks: dict[str, torch.Tensor], meta: dict | None = None,
+                  block_sizes: dict[str, int] | None = None) -> PrivateMask:
+        """`block_sizes`: per-name block size for block-structured tensors (others are unstructured)."""
+        block_sizes = block_sizes or {}
+        layouts = {n: MaskLayout.from_bool(m.detach().cpu(), block_size=block_sizes.get(n, 0))
                    for n, m in masks.items()}
         return cls(layouts, dict(meta or {}))
 

@@ -201,3 +201,25 @@ def test_masked_adamw_dispatch_matches_torch_adamw():
                               weight_decay=0.05, step=step)
     torch.testing.assert_close(master, p.detach(), rtol=1e-5, atol=1e-6)
     assert torch.equal(dense[mask], master)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (full-size tiles, compiled kernels)")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [0, 64, 128])
+def test_gpu_full_size(dtype, block_size):
+    O, I, T = 1024 + 67, 768 + 32, 4096 + 93
+    mask = _block_mask(O, I, block_size, 0.3) if block_size else _mask((O, I), 0.1)
+    layout = MaskLayout.from_bool(mask, block_size=block_size)
+    dy = torch.randn(T, O, device=DEVICE).to(dtype)
+    x = torch.randn(T, I, device=DEVICE).to(dtype)
+    out = sddmm.masked_weight_grad(dy, x, layout, out=_nan(layout.nnz))
+    _check_dw(out, dy, x, mask, dtype)
+    dense = torch.randn(O, I, device=DEVICE).to(torch.bfloat16)
+    frozen = dense[~mask].clone()
+    master = torch.randn(layout.nnz, device=DEVICE)
+    g, m, v = torch.randn_like(master), torch.zeros_like(master), torch.zeros_like(master)
+    masked_adamw.masked_adamw_(dense, master, g, m, v, layout, lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8,
+                               weight_decay=0.1, step=1)
+    assert torch.equal(dense[mask], master.to(torch.bfloat16))
+    assert torch.equal(dense[~mask].view(torch.int16), frozen.view(torch.int16))

@@ -211,3 +211,17 @@ def test_cli_bad_inputs(corpus, tmp_path, capsys):
     PrivateMask.from_bool(flipped, mask.meta).save(good / "private")
     code, err = run("pretrain", "--out", str(good), "--resume")
     assert code == 2 and "different mask" in err[-1]
+
+
+def test_block_mask_run(corpus, tmp_path):
+    cfg = load_config(None, tiny_overrides(corpus, **{"pmp.block_size": 64, "pmp.density": 0.5, "train.steps": 20,
+                                                      "model.hidden_size": 128, "model.intermediate_size": 192}))
+    run = pretrain(cfg, tmp_path / "run")
+    mask = PrivateMask.load(run.root / "private")
+    blocked = {n for n, lay in mask.layouts.items() if lay.block_size == 64}
+    assert blocked and all("proj" in n or "lm_head" in n for n in blocked)
+    assert "model.embed_tokens.weight" in mask.layouts and "model.embed_tokens.weight" not in blocked
+    init = load_file(str(run.root / "private" / "init.safetensors"))
+    final = load_file(str(run.root / "final" / "model.safetensors"))
+    for name, m in mask.to_bool().items():
+        assert torch.equal(final[name][~m], init[name][~m])

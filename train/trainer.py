@@ -149,15 +149,19 @@ class Trainer:
 
     def _new_identifier(self) -> MaskIdentifier:
         named = dict(self.model.named_parameters())
-        return MaskIdentifier({n: named[n] for n in masked_scope(self.model, self.cfg.pmp.scope)}, self.cfg.pmp)
+        scope = masked_scope(self.model, self.cfg.pmp.scope)
+        return MaskIdentifier({n: named[n] for n in scope}, self.cfg.pmp,
+                              block_names=set(masked_scope(self.model, "linear")) & set(scope))
 
     # ------------------------------------------------------------------------------------------ phases
     def _finish_identification(self, rec: dict) -> None:
         """Freeze the mask, save it privately, rewind, and switch to masked training."""
         p = self.cfg.pmp
         meta = {"density": p.density, "scope": p.scope, "selection": p.selection, "scorer": p.scorer,
+                "block_size": p.block_size,
                 "ema_beta": p.ema_beta, "identification_step": self.step, "reason": rec["reason"]}
-        self.mask = PrivateMask.from_bool(self.identifier.current_mask(), meta, block_size=p.block_size)
+        blocks = {n: p.block_size for n in self.identifier.block_names}
+        self.mask = PrivateMask.from_bool(self.identifier.current_mask(), meta, block_sizes=blocks)
         self.mask.save(self.run.private)
         with atomic_file(self.run.private / "identification.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in self.identifier.history)
