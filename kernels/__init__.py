@@ -122,7 +122,7 @@ def scatter_compact_(dense: torch.Tensor, values: torch.Tensor, layout: MaskLayo
 
 def masked_adamw_(
     dense: torch.Tensor,
-    master: torch.Tensor,
+    master: torch.Tensor | None,
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
@@ -139,9 +139,11 @@ def masked_adamw_(
 
     ``master``, ``grad``, ``exp_avg``, ``exp_avg_sq``: contiguous fp32 [nnz], updated in place (grad is only
     read). ``dense`` (fp32/bf16/fp16, the weight the forward uses) receives ``master`` cast to its dtype at
-    masked positions; entries outside the mask are not written. Returns ``dense``.
+    masked positions; entries outside the mask are not written. ``master=None`` (fp32 ``dense`` only): the
+    dense weight holds the masked values itself, so no compact copy exists (saves 4 B per masked entry).
+    Returns ``dense``.
     """
-    if backend(dense, master) == "triton":
+    if backend(dense, grad) == "triton":
         from .masked_adamw import masked_adamw_ as impl
     else:
         impl = reference.masked_adamw_

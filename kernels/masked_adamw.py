@@ -32,14 +32,18 @@ def _masked_adamw_kernel(
     R, C,
     stride_dr, stride_w,
     decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, eps, neg_step_size,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_MASTER: tl.constexpr,
 ):
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     in_bounds = (offs_r < R)[:, None] & (offs_c < C)[None, :]
     is_set, idx = compact_index(words_ptr, prefix_ptr, offs_r, offs_c, stride_w, in_bounds)
 
-    p = tl.load(master_ptr + idx, mask=is_set, other=0.0)
+    d_off = offs_r.to(tl.int64)[:, None] * stride_dr + offs_c[None, :]
+    if HAS_MASTER:
+        p = tl.load(master_ptr + idx, mask=is_set, other=0.0)
+    else:  # fp32 dense weight is its own master
+        p = tl.load(dense_ptr + d_off, mask=is_set, other=0.0).to(tl.float32)
     g = tl.load(grad_ptr + idx, mask=is_set, other=0.0)
     m = tl.load(exp_avg_ptr + idx, mask=is_set, other=0.0)
     v = tl.load(exp_avg_sq_ptr + idx, mask=is_set, other=0.0)
@@ -50,16 +54,16 @@ def _masked_adamw_kernel(
     denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
     p = p + neg_step_size * tl.div_rn(m, denom)
 
-    tl.store(master_ptr + idx, p, mask=is_set)
+    if HAS_MASTER:
+        tl.store(master_ptr + idx, p, mask=is_set)
     tl.store(exp_avg_ptr + idx, m, mask=is_set)
     tl.store(exp_avg_sq_ptr + idx, v, mask=is_set)
-    d_off = offs_r.to(tl.int64)[:, None] * stride_dr + offs_c[None, :]
     tl.store(dense_ptr + d_off, p.to(dense_ptr.dtype.element_ty), mask=is_set)
 
 
 def masked_adamw_(
     dense: torch.Tensor,
-    master: torch.Tensor,
+    master: torch.Tensor | None,
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
@@ -74,7 +78,7 @@ def masked_adamw_(
 ) -> torch.Tensor:
     """One fused AdamW step on compact fp32 state; writes ``master`` (cast) into ``dense`` at masked positions."""
     check_adamw_args(dense, master, grad, exp_avg, exp_avg_sq, layout, step)
-    check_device(dense, master, grad, exp_avg, exp_avg_sq)
+    check_device(*(t for t in (dense, master, grad, exp_avg, exp_avg_sq) if t is not None))
     if layout.nnz == 0:
         return dense
     one_minus_beta1 = 1.0 - beta1
@@ -87,11 +91,11 @@ def masked_adamw_(
     cfg = elementwise_tiles(layout.rows, layout.cols)
     grid = (triton.cdiv(layout.rows, cfg["BLOCK_R"]), triton.cdiv(layout.cols, cfg["BLOCK_C"]))
     _masked_adamw_kernel[grid](
-        dense_RC, master, grad, exp_avg, exp_avg_sq, layout.words, layout.word_prefix,
+        dense_RC, dense_RC if master is None else master, grad, exp_avg, exp_avg_sq, layout.words, layout.word_prefix,
         layout.rows, layout.cols,
         dense_RC.stride(0), layout.words.stride(0),
         1 - lr * weight_decay, one_minus_beta1, beta2, 1 - beta2, bias_correction2**0.5, eps,
         -(lr / bias_correction1),
-        **cfg,
+        **cfg, HAS_MASTER=master is not None,
     )
     return dense

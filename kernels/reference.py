@@ -120,8 +120,13 @@ def check_adamw_args(dense, master, grad, exp_avg, exp_avg_sq, layout, step) -> 
         raise ValueError("dense must be contiguous to be updated in place")
     if dense.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dense must be fp32, bf16 or fp16, got {dense.dtype}")
+    if master is None and dense.dtype != torch.float32:
+        raise ValueError(f"master=None keeps the masked values in the dense weight itself, which needs fp32; "
+                         f"dense is {dense.dtype}: pass an fp32 compact master")
     for name, t in (("master", master), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         if t is None:
+            if name == "master":
+                continue
             raise ValueError(f"{name} is required (compact fp32 [nnz])")
         check_compact(t, layout, name)
     if step < 1:
@@ -130,7 +135,7 @@ def check_adamw_args(dense, master, grad, exp_avg, exp_avg_sq, layout, step) -> 
 
 def masked_adamw_(
     dense: torch.Tensor,
-    master: torch.Tensor,
+    master: torch.Tensor | None,
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
@@ -149,8 +154,17 @@ def masked_adamw_(
     ``torch.optim.AdamW(foreach=False)`` on the masked subset bit for bit.
     """
     check_adamw_args(dense, master, grad, exp_avg, exp_avg_sq, layout, step)
+    if master is None:  # fp32 dense weight: it is its own master; work on a transient gathered copy
+        master = gather_compact(dense, layout)
+    adamw_update_(master, grad, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                  weight_decay=weight_decay, step=step)
+    return scatter_compact_(dense, master, layout)
+
+
+def adamw_update_(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, step) -> None:
+    """One AdamW step in place: the op sequence of torch's single-tensor AdamW (any shape, fp32)."""
     if weight_decay != 0:
-        master.mul_(1 - lr * weight_decay)
+        param.mul_(1 - lr * weight_decay)
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     bias_correction1 = 1 - beta1**step
@@ -158,5 +172,4 @@ def masked_adamw_(
     step_size = lr / bias_correction1
     bias_correction2_sqrt = bias_correction2**0.5
     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    master.addcdiv_(exp_avg, denom, value=-step_size)
-    return scatter_compact_(dense, master, layout)
+    param.addcdiv_(exp_avg, denom, value=-step_size)

@@ -1,10 +1,16 @@
 """Compact masked training state: only masked entries have gradients, optimizer state and master values.
 
-For every masked tensor W (N entries, nnz masked) we keep one fp32 `compact` nn.Parameter of nnz values in the
-mask's canonical order (row-major order of masked entries); it is what the optimizer sees. The dense W stays a
-plain tensor in the stock module layout and is what the forward pass uses, so the model the release ships is
-exactly what training saw. After each optimizer step, `sync_()` writes the compact values into W at masked
-positions ("gradient routing"); nothing ever writes the complement, so it stays bit-exactly at its values.
+For every masked tensor W (N entries, nnz masked) we keep one `compact` nn.Parameter of nnz entries in the
+mask's canonical order (row-major order of masked entries); it is what the optimizer sees and where the compact
+gradient accumulates. The dense W stays a plain tensor in the stock module layout and is what the forward pass
+uses, so the model the release ships is exactly what training saw. Nothing ever writes the complement, so it
+stays bit-exactly at its values. Two modes:
+- master=True: `compact` holds fp32 copies of the masked values, any torch optimizer can step it, and
+  `sync_()` writes them into W at masked positions ("gradient routing") after each step. Needed when W is bf16.
+- master=False (the trainer's default for fp32 weights): `compact` is a zero-stride gradient sink (4 bytes of
+  storage); `pmp.masked_optim.MaskedAdamW` updates W in place at masked positions (the fused Triton kernel on
+  CUDA), so no second copy of the masked values exists: 12 B per masked entry (grad + 2 moments) + N/4 B of
+  mask instead of 16 B per entry.
 
 Two gradient paths:
 - nn.Linear weights: the module's forward is swapped for `MaskedLinearFunction`, whose backward computes dX
@@ -62,16 +68,18 @@ def _masked_linear_forward(module: nn.Linear, compact: nn.Parameter, layout: Mas
 class MaskedTensor:
     name: str
     dense: nn.Parameter  # the module's own parameter, in the stock layout
-    compact: nn.Parameter  # fp32 master values of the masked entries, canonical order
+    compact: nn.Parameter  # fp32 master values of the masked entries (or a zero-stride grad sink), canonical order
     layout: MaskLayout
     path: str  # "linear" (SDDMM backward) or "generic" (dense grad gathered by a hook)
+    has_master: bool
 
 
 class MaskedModel:
     """Attaches compact masked state to a stock model; `detach()` restores the plain model."""
 
-    def __init__(self, model: nn.Module, layouts: dict[str, MaskLayout]):
+    def __init__(self, model: nn.Module, layouts: dict[str, MaskLayout], master: bool = True):
         self.model = model
+        self.master = master
         named = dict(model.named_parameters())  # tied weights appear once, under their first name
         missing = sorted(set(layouts) - set(named))
         if missing:
@@ -91,7 +99,12 @@ class MaskedModel:
                 raise ValueError(f"mask for {name} has shape {tuple(layout.shape)} but the parameter is "
                                  f"{tuple(p.shape)}: the mask belongs to another model")
             layout = layout.to(p.device)
-            compact = nn.Parameter(gather_compact(p.detach(), layout, dtype=torch.float32))
+            if master:
+                compact = nn.Parameter(gather_compact(p.detach(), layout, dtype=torch.float32))
+            else:
+                if p.dtype != torch.float32:
+                    raise ValueError(f"{name} is {p.dtype}: without an fp32 master the dense weight must be fp32")
+                compact = nn.Parameter(torch.zeros(1, device=p.device).expand(layout.nnz))
             module = linear_of.get(name)
             if module is not None and id(p) not in shared:
                 p.requires_grad_(False)
@@ -102,7 +115,7 @@ class MaskedModel:
                 p.requires_grad_(True)
                 self._hooks.append(p.register_post_accumulate_grad_hook(_gather_grad_hook(compact, layout)))
                 path = "generic"
-            self.tensors.append(MaskedTensor(name, p, compact, layout, path))
+            self.tensors.append(MaskedTensor(name, p, compact, layout, path, master))
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: decay on entries of >= 2-D tensors, none on norms and biases (same rule as dense)."""
@@ -117,18 +130,19 @@ class MaskedModel:
 
     @torch.no_grad()
     def sync_(self) -> None:
-        """Write compact values into the dense weights at masked positions (the complement is never touched)."""
+        """Write compact master values into the dense weights at masked positions (no-op without masters)."""
         for t in self.tensors:
-            scatter_compact_(t.dense.data, t.compact.data, t.layout)
+            if t.has_master:
+                scatter_compact_(t.dense.data, t.compact.data, t.layout)
 
     def masked_count(self) -> int:
         return sum(t.layout.nnz for t in self.tensors)
 
     def state_bytes(self, optimizer: torch.optim.Optimizer | None = None) -> dict:
         """Bytes of trainable state: compact master + gradients + optimizer moments + mask layouts."""
-        master = sum(t.compact.numel() * 4 for t in self.tensors)
+        master = sum(t.compact.numel() * 4 for t in self.tensors if t.has_master)
         dense = sum(p.numel() * p.element_size() for p in self.dense_trained.values())
-        grads = master + dense
+        grads = sum(t.layout.nnz * 4 for t in self.tensors) + dense
         opt = 0
         if optimizer is not None:
             for st in optimizer.state.values():

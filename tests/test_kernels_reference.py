@@ -93,9 +93,9 @@ def test_masked_adamw_validates():
     layout = MaskLayout.from_bool(_mask((8, 16), 0.5))
     n = layout.nnz
     z = torch.zeros(n)
-    with pytest.raises(ValueError, match="master"):
-        reference.masked_adamw_(torch.zeros(8, 16), None, z, z.clone(), z.clone(), layout, lr=1e-3, beta1=0.9,
-                                beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
+    with pytest.raises(ValueError, match="master=None .* needs fp32"):
+        reference.masked_adamw_(torch.zeros(8, 16, dtype=torch.bfloat16), None, z, z.clone(), z.clone(), layout,
+                                lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
     with pytest.raises(ValueError, match="grad"):
         reference.masked_adamw_(torch.zeros(8, 16), z.clone(), torch.zeros(n + 1), z.clone(), z.clone(), layout,
                                 lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
@@ -115,3 +115,23 @@ def test_dispatch_env(monkeypatch):
     monkeypatch.setenv("PMP_KERNELS", "bogus")
     with pytest.raises(ValueError, match="PMP_KERNELS"):
         backend(t)
+
+
+def test_masked_adamw_without_master_matches_torch_adamw():
+    """fp32 dense weight as its own master (no compact copy): same trajectory as torch.optim.AdamW."""
+    torch.manual_seed(1)
+    mask = _mask((67, 131), 0.3, seed=2)
+    layout = MaskLayout.from_bool(mask)
+    dense = torch.randn(67, 131)
+    frozen = dense[~mask].clone()
+    p_ref = torch.nn.Parameter(dense[mask].clone())
+    opt = torch.optim.AdamW([p_ref], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=False)
+    m, v = torch.zeros(layout.nnz), torch.zeros(layout.nnz)
+    for step in range(1, 26):
+        grad = torch.randn(layout.nnz)
+        p_ref.grad = grad.clone()
+        opt.step()
+        reference.masked_adamw_(dense, None, grad, m, v, layout, lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8,
+                                weight_decay=0.1, step=step)
+    torch.testing.assert_close(dense[mask], p_ref.detach(), rtol=1e-6, atol=1e-7)
+    assert torch.equal(dense[~mask].view(torch.int32), frozen.view(torch.int32))

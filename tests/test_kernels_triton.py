@@ -223,3 +223,23 @@ def test_gpu_full_size(dtype, block_size):
                                weight_decay=0.1, step=1)
     assert torch.equal(dense[mask], master.to(torch.bfloat16))
     assert torch.equal(dense[~mask].view(torch.int16), frozen.view(torch.int16))
+
+
+@pytest.mark.parametrize("shape", [(67, 131), (37,)])
+def test_masked_adamw_without_master(shape):
+    """HAS_MASTER=False: the fp32 dense weight is read and written in place of a compact master."""
+    mask = _mask(shape, 0.3)
+    layout = MaskLayout.from_bool(mask)
+    dense = torch.randn(shape, device=DEVICE)
+    dense_ref = dense.clone()
+    frozen = dense[~mask].clone()
+    m, v = torch.zeros(layout.nnz, device=DEVICE), torch.zeros(layout.nnz, device=DEVICE)
+    m_ref, v_ref = m.clone(), v.clone()
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    for step in range(1, 6):
+        grad = torch.randn(layout.nnz, device=DEVICE)
+        masked_adamw.masked_adamw_(dense, None, grad, m, v, layout, step=step, **hyper)
+        reference.masked_adamw_(dense_ref, None, grad, m_ref, v_ref, layout, step=step, **hyper)
+    torch.testing.assert_close(dense, dense_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m, m_ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(dense[~mask].view(torch.int32), frozen.view(torch.int32))

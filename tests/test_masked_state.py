@@ -8,6 +8,7 @@ from pmp.kernels import MaskLayout
 from torch.func import functional_call
 
 from pmp.config import ModelConfig
+from pmp.masked_optim import MaskedAdamW
 from pmp.masked_state import MaskedLinearFunction, MaskedModel
 from pmp.model import build_model, hf_config
 
@@ -52,13 +53,19 @@ def test_masked_linear_grad_matches_dense_grad_at_mask():
     torch.testing.assert_close(compact.grad, w_ref.grad[mask].to(compact.grad.dtype), rtol=1e-6, atol=1e-6)
 
 
+def make_optimizer(mm, fused, **kw):
+    """fused: MaskedAdamW stepping the dense weight (no master); else torch AdamW on compact masters + sync_."""
+    return MaskedAdamW(mm, **kw) if fused else torch.optim.AdamW(mm.param_groups(kw.pop("weight_decay")), **kw)
+
+
 @pytest.mark.parametrize("tie", [False, True])
-def test_complement_bit_exact_and_changed_count(tie):
+@pytest.mark.parametrize("fused", [False, True])
+def test_complement_bit_exact_and_changed_count(tie, fused):
     model = tiny_model(tie=tie)
     init = copy.deepcopy(model.state_dict())
     masks = random_masks(model, 0.3)
-    mm = MaskedModel(model, {n: MaskLayout.from_bool(m) for n, m in masks.items()})
-    opt = torch.optim.AdamW(mm.param_groups(0.1), lr=1e-2)
+    mm = MaskedModel(model, {n: MaskLayout.from_bool(m) for n, m in masks.items()}, master=not fused)
+    opt = make_optimizer(mm, fused, lr=1e-2, weight_decay=0.1)
     for batch in batches(5):
         model(input_ids=batch, labels=batch).loss.backward()
         torch.nn.utils.clip_grad_norm_(mm.trainable_parameters(), 1.0)
@@ -74,15 +81,17 @@ def test_complement_bit_exact_and_changed_count(tie):
     assert 0 < changed <= sum(int(m.sum()) for m in masks.values())
 
 
-def test_masked_adamw_matches_torch_adamw_on_masked_subset():
+@pytest.mark.parametrize("fused", [False, True])
+def test_masked_adamw_matches_torch_adamw_on_masked_subset(fused):
     """Our path (custom backward + hooks + compact AdamW) vs an independent one: autograd through
-    index_put of leaf tensors holding only the masked entries, stepped by torch.optim.AdamW."""
+    index_put of leaf tensors holding only the masked entries, stepped by torch.optim.AdamW, with weight decay
+    and gradient clipping, for 24 steps."""
     torch.manual_seed(0)
     model = tiny_model(seed=3)
     ref_model = copy.deepcopy(model)
     masks = random_masks(model, 0.4, seed=5)
-    mm = MaskedModel(model, {n: MaskLayout.from_bool(m) for n, m in masks.items()})
-    opt = torch.optim.AdamW(mm.param_groups(0.1), lr=3e-3, betas=(0.9, 0.95))
+    mm = MaskedModel(model, {n: MaskLayout.from_bool(m) for n, m in masks.items()}, master=not fused)
+    opt = make_optimizer(mm, fused, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
 
     base = {n: p.detach().clone() for n, p in ref_model.named_parameters()}
     leaves = {n: base[n][masks[n]].clone().requires_grad_(True) for n in base}
@@ -123,3 +132,12 @@ def test_mask_of_another_model_is_refused():
         MaskedModel(model, {n: MaskLayout.from_bool(m) for n, m in other.items()})
     with pytest.raises(ValueError, match="does not have"):
         MaskedModel(model, {"nope.weight": MaskLayout.from_bool(torch.ones(2, 2, dtype=torch.bool))})
+
+
+def test_without_master_no_copy_of_masked_values():
+    model = tiny_model()
+    masks = random_masks(model, 0.5)
+    mm = MaskedModel(model, {n: MaskLayout.from_bool(m) for n, m in masks.items()}, master=False)
+    for t in mm.tensors:
+        assert t.compact.untyped_storage().nbytes() == 4  # a zero-stride gradient sink
+    assert mm.state_bytes()["master"] == 0

@@ -25,6 +25,7 @@ from pmp.atomic import atomic_dir, atomic_file, sha256_file, write_json
 from pmp.config import RunConfig
 from pmp.identify import MaskIdentifier
 from pmp.mask import PrivateMask
+from pmp.masked_optim import MaskedAdamW
 from pmp.masked_state import MaskedModel
 from pmp.model import build_model, count_parameters, draw_init_seed, hf_config
 
@@ -144,8 +145,7 @@ class Trainer:
 
     def _masked_optimizer(self) -> torch.optim.Optimizer:
         t = self.cfg.train
-        return torch.optim.AdamW(self.masked.param_groups(t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
-                                 eps=t.eps)
+        return MaskedAdamW(self.masked, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
 
     def _new_identifier(self) -> MaskIdentifier:
         named = dict(self.model.named_parameters())
@@ -173,7 +173,8 @@ class Trainer:
         self._enter_masked_phase(self.step)
 
     def _enter_masked_phase(self, start: int) -> None:
-        self.masked = MaskedModel(self.model, self.mask.layouts)
+        # fp32 weights are their own master: no compact copy of the masked values (pmp/masked_state.py)
+        self.masked = MaskedModel(self.model, self.mask.layouts, master=False)
         self.optimizer = self._masked_optimizer()
         self.phase, self.phase_start = "masked", start
 
@@ -268,7 +269,6 @@ class Trainer:
         if self.masked is not None:
             state["mask_sha256"] = self.mask.fingerprint()
             state["mask_words"] = {n: lay.packed_bytes().cpu() for n, lay in self.mask.layouts.items()}
-            state["compact"] = {tn.name: tn.compact.detach().cpu() for tn in self.masked.tensors}
         save_checkpoint(self.run.checkpoints, self.step, self.model.state_dict(), state, self.cfg.train.keep_last)
         self.run.write_status(step=self.step, phase=self.phase)
 
@@ -285,8 +285,6 @@ class Trainer:
                 raise ValueError(f"checkpoint {path} was trained with a different mask than {self.run.private}: "
                                  "refusing to resume (restore the run's own private/mask.* files)")
             self._enter_masked_phase(self.phase_start)
-            for tn in self.masked.tensors:
-                tn.compact.data.copy_(state["compact"][tn.name].to(tn.compact.device))
         self.optimizer.load_state_dict(state["optimizer"])
         self.stream.load_state_dict(state["stream"])
         set_rng_state(state["rng"])

@@ -1,0 +1,261 @@
+"""Attacks on a release: named, typed configurations in a registry, and the named suites built from them.
+
+An `Attack` says *what* is trained (its `kind`) and *how* (optimizer, learning rate, schedule); a `Budget` says
+how much (steps, batch size, examples, sequence length, evaluation points). Budgets belong to the suite and are
+per task kind (classification / lm), so every attack in a suite spends the same budget unless it overrides
+`steps` -- gain ratios compare like with like.
+
+Kinds (the new classification head is always trainable; it is random at the start of every cell):
+  probe        frozen base, head only (classification). For the LM probe nothing is trained: the "probe" is the
+               release's own perplexity on the held-out domain (training only lm_head would change the model's
+               output vocabulary map and mix a tiny fine-tune into the reference point).
+  full         every parameter
+  lora         peft LoRA adapters on all linear layers (`target_modules="all-linear"`) + the head
+  norm_bias    only 1-D parameters (norm weights, biases) + the head
+  random_mask  only the entries of a RANDOM mask with the density of the PMP mask (an attacker's guess) + head
+  authorized   only the entries of the REAL private mask (the owner's mask-aware fine-tuning) + head; PMP models
+               given with --private only
+The `from_scratch` reference is not an attack but a model (same architecture, random init) that runs every
+attack with `scratch: true` at the same budget.
+
+Add an attack in code with `register(Attack(...))`, or in YAML (see `load_suite_file` and configs/attack_*.yaml).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+KINDS = ("probe", "full", "lora", "norm_bias", "random_mask", "authorized")
+OPTIMIZERS = ("adamw", "adam", "sgd", "adagrad")
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclass(frozen=True)
+class Attack:
+    name: str
+    kind: str
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    schedule: str = "cosine"  # cosine = linear warm-up (warmup_fraction of the steps) then cosine to min_lr_ratio
+    warmup_fraction: float = 0.1
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0  # AdamW/SGD/Adagrad decay on >= 2-D tensors; Adam ignores it (plain Adam)
+    momentum: float = 0.9  # SGD only
+    grad_clip: float = 1.0  # 0 = no clipping
+    lora_r: int = 8
+    lora_alpha: int = 16
+    steps: int = 0  # 0 = the suite budget's steps
+    scratch: bool = False  # also run on the from-scratch reference model
+    note: str = ""
+
+    def validate(self) -> Attack:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"attack {self.name!r}: {msg}")
+
+        need(bool(self.name) and "__" not in self.name and "/" not in self.name,
+             "a name must be non-empty without '__' or '/' (it names result files)")
+        need(self.kind in KINDS, f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        need(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(0 <= self.warmup_fraction < 1, f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        need(self.weight_decay >= 0 and self.grad_clip >= 0, "weight_decay and grad_clip must be >= 0")
+        need(self.lora_r >= 1 and self.lora_alpha >= 1, "lora_r and lora_alpha must be >= 1")
+        need(self.steps >= 0, f"steps must be >= 0 (0 = the suite budget), got {self.steps}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much an attacker spends on one task kind. Examples are capped; the caps are recorded in every result."""
+
+    steps: int = 150
+    batch_size: int = 16
+    max_len: int = 64  # classification: truncate texts to this many tokens; lm: block length
+    max_train: int = 1500  # classification: train examples; lm: train blocks (carved AFTER the validation split)
+    max_val: int = 200  # the attacker's own validation split, carved from the task's train split
+    max_test: int = 500  # test examples (lm: test blocks); fixed, the same for every seed and model
+    eval_every: int = 50  # evaluate val + test every this many steps (and at the last step)
+
+    def validate(self, what: str = "budget") -> Budget:
+        for k in ("steps", "batch_size", "max_len", "max_train", "max_val", "max_test", "eval_every"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{what}.{k} must be >= 1, got {getattr(self, k)}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    attacks: tuple[Attack, ...]
+    classification: Budget = Budget()
+    lm: Budget = Budget(steps=150, batch_size=8, max_len=128, max_train=1200, max_val=32, max_test=64, eval_every=50)
+    seeds: int = 2
+    mask_density: float = 0.5  # random-mask density when no --private run gives the real one
+    description: str = ""
+
+    def budget(self, task_kind: str) -> Budget:
+        return self.lm if task_kind == "lm" else self.classification
+
+    def attack(self, name: str) -> Attack:
+        for a in self.attacks:
+            if a.name == name:
+                return a
+        raise ValueError(f"unknown attack {name!r} in suite {self.name!r}; valid: {', '.join(self.names())}")
+
+    def names(self) -> list[str]:
+        return [a.name for a in self.attacks]
+
+    def validate(self) -> Suite:
+        if not self.attacks:
+            raise ValueError(f"suite {self.name!r} has no attacks")
+        names = self.names()
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"suite {self.name!r} lists attacks more than once: {dup}")
+        if not any(a.kind == "probe" for a in self.attacks):
+            raise ValueError(f"suite {self.name!r} needs a 'probe' attack: it is the reference point of every gain")
+        for a in self.attacks:
+            a.validate()
+        self.classification.validate("classification")
+        self.lm.validate("lm")
+        if self.seeds < 1:
+            raise ValueError(f"suite {self.name!r}: seeds must be >= 1")
+        if not 0 < self.mask_density <= 1:
+            raise ValueError(f"suite {self.name!r}: mask_density must be in (0, 1]")
+        return self
+
+
+def fingerprint(obj) -> str:
+    """Short sha256 of a JSON-able object: results computed under another definition are recomputed."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- registry
+ATTACKS: dict[str, Attack] = {}
+
+
+def register(attack: Attack, overwrite: bool = False) -> Attack:
+    attack.validate()
+    if attack.name in ATTACKS and ATTACKS[attack.name] != attack and not overwrite:
+        raise ValueError(f"an attack named {attack.name!r} is already registered with another definition")
+    ATTACKS[attack.name] = attack
+    return attack
+
+
+def get_attack(name: str) -> Attack:
+    if name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; valid attacks: {', '.join(ATTACKS)}")
+    return ATTACKS[name]
+
+
+def _lr_tag(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
+def _schedule_tag(s: str) -> str:
+    return "cos" if s == "cosine" else "const"
+
+
+# Learning rates span 1e-5..1e-3 for every optimizer, plus the larger steps SGD and Adagrad need to move at all.
+FULL_LRS = {"adamw": (1e-5, 1e-4, 3e-4, 1e-3), "adam": (1e-5, 1e-4, 3e-4, 1e-3),
+            "sgd": (1e-5, 1e-4, 1e-3, 1e-2, 1e-1), "adagrad": (1e-5, 1e-4, 1e-3, 1e-2)}
+register(Attack("probe", "probe", lr=1e-2, schedule="constant", note="frozen base, head only: reference"))
+for _opt, _lrs in FULL_LRS.items():
+    for _lr in _lrs:
+        for _sch in SCHEDULES:
+            register(Attack(f"full_{_opt}_{_lr_tag(_lr)}_{_schedule_tag(_sch)}", "full", optimizer=_opt, lr=_lr, schedule=_sch,
+                            weight_decay=0.01 if _opt in ("adamw",) else 0.0, scratch=True))
+for _lr in (1e-4, 1e-3, 3e-3):
+    register(Attack(f"lora_r8_{_lr_tag(_lr)}_cos", "lora", lr=_lr, lora_r=8, lora_alpha=16))
+register(Attack("lora_r32_1e-3_cos", "lora", lr=1e-3, lora_r=32, lora_alpha=32))
+for _lr in (1e-4, 1e-3, 1e-2):
+    register(Attack(f"norm_bias_{_lr_tag(_lr)}_cos", "norm_bias", lr=_lr))
+for _kind in ("random_mask", "authorized"):
+    for _lr in (1e-4, 3e-4, 1e-3):
+        register(Attack(f"{_kind}_{_lr_tag(_lr)}_cos", _kind, lr=_lr, weight_decay=0.01))
+
+QUICK = ("probe", "full_adamw_3e-4_cos", "full_sgd_1e-2_const", "lora_r8_1e-3_cos", "norm_bias_1e-3_cos",
+         "random_mask_1e-3_cos", "authorized_1e-3_cos")
+SUITES: dict[str, Suite] = {
+    "quick": Suite("quick", tuple(get_attack(n) for n in QUICK), description=(
+        "one attack of every kind (two full fine-tunes: AdamW+cosine and SGD+constant), 2 seeds, capped data")),
+    "full": Suite("full", tuple(ATTACKS.values()), seeds=3, description="the whole registered grid, 3 seeds"),
+}
+
+
+def get_suite(name_or_path: str) -> Suite:
+    """A built-in suite by name, or a YAML suite file."""
+    if name_or_path in SUITES:
+        return SUITES[name_or_path].validate()
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return load_suite_file(p)
+    raise ValueError(f"unknown suite {name_or_path!r}; valid suites: {', '.join(SUITES)} (or a YAML suite file)")
+
+
+def load_suite_file(path: str | Path) -> Suite:
+    """YAML suite:
+      name: mysuite
+      seeds: 2
+      attacks: [probe, full_adamw_3e-4_cos, {name: my_sgd, kind: full, optimizer: sgd, lr: 0.05}]
+      classification: {steps: 100}      # Budget fields; omitted ones keep their defaults
+      lm: {steps: 100, batch_size: 8}
+    An attack given as a mapping is registered (so later suites can name it) and used."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"suite file {p} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"suite file {p} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"suite file {p} must be a mapping with an 'attacks' list")
+    unknown = sorted(set(raw) - {"name", "seeds", "attacks", "classification", "lm", "mask_density", "description",
+                                 "extends"})
+    if unknown:
+        raise ValueError(f"suite file {p}: unknown keys {unknown}")
+    base = SUITES[raw["extends"]] if raw.get("extends") else Suite("base", ())
+    if raw.get("extends") and raw["extends"] not in SUITES:
+        raise ValueError(f"suite file {p}: extends {raw['extends']!r} is not a suite; valid: {', '.join(SUITES)}")
+    attacks = list(base.attacks)
+    for item in raw.get("attacks", []):
+        if isinstance(item, str):
+            attacks.append(get_attack(item))
+        elif isinstance(item, dict):
+            bad = sorted(set(item) - {f.name for f in dataclasses.fields(Attack)})
+            if bad:
+                raise ValueError(f"suite file {p}: attack {item.get('name')!r} has unknown fields {bad}; valid: "
+                                 f"{', '.join(f.name for f in dataclasses.fields(Attack))}")
+            attacks.append(register(Attack(**item), overwrite=True))
+        else:
+            raise ValueError(f"suite file {p}: each attack is a registered name or a mapping, got {item!r}")
+
+    def budget(key: str, default: Budget) -> Budget:
+        over = raw.get(key) or {}
+        bad = sorted(set(over) - {f.name for f in dataclasses.fields(Budget)})
+        if bad:
+            raise ValueError(f"suite file {p}: {key} has unknown budget fields {bad}")
+        return dataclasses.replace(default, **over)
+
+    return Suite(raw.get("name", p.stem), tuple(attacks), budget("classification", base.classification),
+                 budget("lm", base.lm), int(raw.get("seeds", base.seeds)),
+                 float(raw.get("mask_density", base.mask_density)), raw.get("description", "")).validate()
+
+
+__all__ = ["ATTACKS", "Attack", "Budget", "KINDS", "SUITES", "Suite", "fingerprint", "get_attack",
+           "get_suite", "load_suite_file", "register"]

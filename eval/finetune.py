@@ -1,0 +1,228 @@
+"""The fine-tuning loops: one attack on one model, task and seed -> learning curve and selected metrics.
+
+`finetune(model, task, attack, budget, seed, mask_layouts=...)` trains what the attack's kind allows (see
+eval/attacks.py), evaluates val + test every `budget.eval_every` steps and at the last step, and returns the
+curve plus the two headline numbers: the test metric at the step that is best on the attacker's OWN validation
+split (a realistic attacker early-stops) and the final-step test metric. The head-only probe trains on cached
+frozen-base features (identical maths, ~100x cheaper); the LM "probe" trains nothing.
+
+Sparse kinds (random_mask, authorized) train through `pmp.masked_state.MaskedModel`: only masked entries have
+gradients and optimizer state, the complement of every masked tensor stays bit-exact (verified after training
+and recorded as `complement_unchanged`), and every other base parameter is frozen; only the new head trains
+densely.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from pmp.eval.attacks import Attack, Budget
+from pmp.eval.probes import DIRECTION, METRIC, PreparedTask, TrainBatches, evaluate, features, head_names
+from pmp.train.schedule import lr_at
+
+
+def better(a: float, b: float, direction: str) -> bool:
+    return a > b if direction == "higher" else a < b
+
+
+def select_by_validation(curve: list[dict], metric: str, direction: str) -> dict:
+    """The curve point whose VAL metric is best (earliest on ties): what an early-stopping attacker keeps."""
+    best = curve[0]
+    for pt in curve[1:]:
+        if better(pt["val"][metric], best["val"][metric], direction):
+            best = pt
+    return best
+
+
+def make_optimizer(attack: Attack, groups: list[dict]) -> torch.optim.Optimizer:
+    if attack.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=attack.lr)
+    if attack.optimizer == "adam":
+        return torch.optim.Adam([{"params": g["params"]} for g in groups], lr=attack.lr)  # plain Adam: no decay
+    if attack.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=attack.lr, momentum=attack.momentum)
+    return torch.optim.Adagrad(groups, lr=attack.lr)
+
+
+def lr_for(attack: Attack, step: int, steps: int) -> float:
+    if attack.schedule == "constant":
+        return attack.lr
+    return lr_at(step, 0, steps, attack.lr, round(attack.warmup_fraction * steps), attack.min_lr_ratio)
+
+
+def random_layouts(model: torch.nn.Module, density: float, seed: int, exclude: set[str]) -> dict:
+    """A random mask of the given density over every base parameter (not the new head): the attacker's guess."""
+    from pmp.kernels import MaskLayout
+
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 17)
+    return {n: MaskLayout.from_bool(torch.rand(p.shape, generator=g) < density)
+            for n, p in model.named_parameters() if n not in exclude}
+
+
+class _Trainables:
+    """What an attack trains: optimizer param groups + a hook after each optimizer step + a final clean-up."""
+
+    def __init__(self, model, attack: Attack, task_kind: str, mask_layouts: dict | None):
+        self.model, self.masked, self.snapshot = model, None, None
+        heads = head_names(model, task_kind)
+        kind = attack.kind
+        if kind == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            cfg = LoraConfig(r=attack.lora_r, lora_alpha=attack.lora_alpha, target_modules="all-linear",
+                             lora_dropout=0.0, modules_to_save=sorted({h.split(".")[0] for h in heads}) or None,
+                             task_type="CAUSAL_LM" if task_kind == "lm" else "SEQ_CLS")
+            self.model = get_peft_model(model, cfg)
+        elif kind in ("random_mask", "authorized"):
+            from pmp.masked_state import MaskedModel
+
+            if not mask_layouts:
+                raise ValueError(f"attack {attack.name} ({kind}) needs a mask")
+            named = dict(model.named_parameters())
+            layouts = {n: lay for n, lay in mask_layouts.items() if n in named and n not in heads}
+            for n, p in named.items():
+                p.requires_grad_(n in heads)
+            self.snapshot = {n: named[n].detach().clone() for n in layouts}
+            self.masked = MaskedModel(model, layouts)
+            for n, p in named.items():  # MaskedModel leaves unmasked params as they were: frozen unless head
+                if n not in layouts:
+                    p.requires_grad_(n in heads)
+        else:
+            for n, p in model.named_parameters():
+                p.requires_grad_(kind == "full" or n in heads or (kind == "norm_bias" and p.dim() < 2))
+        if self.masked is not None:
+            decay = [t.compact for t in self.masked.tensors if t.dense.dim() >= 2]
+            no_decay = [t.compact for t in self.masked.tensors if t.dense.dim() < 2]
+            extra = [p for n, p in model.named_parameters() if n in heads]
+            decay += [p for p in extra if p.dim() >= 2]
+            no_decay += [p for p in extra if p.dim() < 2]
+            self.n_trainable = self.masked.masked_count() + sum(p.numel() for p in extra)
+        else:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            decay = [p for p in params if p.dim() >= 2]
+            no_decay = [p for p in params if p.dim() < 2]
+            self.n_trainable = sum(p.numel() for p in params)
+        self.groups = [{"params": decay, "weight_decay": attack.weight_decay},
+                       {"params": no_decay, "weight_decay": 0.0}]
+        self.params = decay + no_decay
+        if not self.params:
+            raise ValueError(f"attack {attack.name}: nothing to train on this model")
+
+    def after_step(self) -> None:
+        if self.masked is not None:
+            self.masked.sync_()
+
+    def finish(self) -> bool | None:
+        """Detach the masked state; True iff every masked tensor's complement is bit-exactly unchanged."""
+        if self.masked is None:
+            return None
+        ok = True
+        for t in self.masked.tensors:
+            keep = ~t.layout.to_bool().to(t.dense.device)
+            ok &= bool(torch.equal(t.dense.detach()[keep], self.snapshot[t.name][keep]))
+        self.masked.detach()
+        return ok
+
+
+def eval_steps(steps: int, every: int) -> list[int]:
+    return sorted({s for s in range(every, steps + 1, every)} | {steps})
+
+
+def finetune(model, task: PreparedTask, attack: Attack, budget: Budget, seed: int,
+             mask_layouts: dict | None = None, log=None) -> dict:
+    """Train `model` (already adapted to the task, head seeded) with `attack`; return curve + selected metrics."""
+    torch.manual_seed(seed)
+    steps = attack.steps or budget.steps
+    metric, direction = METRIC[task.kind], DIRECTION[task.kind]
+    t0 = time.perf_counter()
+    if attack.kind == "probe":
+        out = _probe(model, task, attack, budget, seed, steps)
+    else:
+        tr = _Trainables(model, attack, task.kind, mask_layouts)
+        opt = make_optimizer(attack, tr.groups)
+        batches = TrainBatches(task, budget.batch_size, seed)
+        points = set(eval_steps(steps, budget.eval_every))
+        curve, losses = [], []
+        for step in range(steps):
+            for g in opt.param_groups:
+                g["lr"] = lr_for(attack, step, steps)
+            loss = tr.model(**batches.next()).loss
+            if not torch.isfinite(loss):
+                losses.append(float("nan"))
+                curve.append(_diverged(step + 1, metric, direction))
+                break  # a diverged attack: its metrics are the worst possible, recorded as such
+            loss.backward()
+            if attack.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(tr.params, attack.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            tr.after_step()
+            losses.append(float(loss))
+            if step + 1 in points:
+                pt = {"step": step + 1, "train_loss": sum(losses[-budget.eval_every:]) / len(losses[-budget.eval_every:]),
+                      "val": evaluate(tr.model, task, "val"), "test": evaluate(tr.model, task, "test")}
+                curve.append(pt)
+                if log:
+                    log(f"    step {pt['step']:5d} loss {pt['train_loss']:.4f} val {metric} {pt['val'][metric]:.4f} "
+                        f"test {pt['test'][metric]:.4f}")
+        out = {"curve": curve, "train_losses": losses, "trainable_parameters": tr.n_trainable,
+               "complement_unchanged": tr.finish()}
+    sel = select_by_validation(out["curve"], metric, direction)
+    out.update({"metric": metric, "direction": direction, "steps": steps,
+                "selected": {"step": sel["step"], "val": sel["val"][metric], "test": sel["test"][metric]},
+                "final": {"step": out["curve"][-1]["step"], "test": out["curve"][-1]["test"][metric]},
+                "train_seconds": time.perf_counter() - t0})
+    return out
+
+
+def _diverged(step: int, metric: str, direction: str) -> dict:
+    worst = {"accuracy": 0.0, "perplexity": math.inf}[metric]
+    return {"step": step, "diverged": True, "val": {metric: worst, "loss": math.inf},
+            "test": {metric: worst, "loss": math.inf}}
+
+
+def _probe(model, task: PreparedTask, attack: Attack, budget: Budget, seed: int, steps: int) -> dict:
+    """Frozen base. Classification: train only the head on cached features. LM: no training at all."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if task.kind == "lm":
+        pt = {"step": 0, "val": evaluate(model, task, "val"), "test": evaluate(model, task, "test")}
+        return {"curve": [pt], "train_losses": [], "trainable_parameters": 0, "complement_unchanged": None}
+    feats = {s: features(model, task, s) for s in ("train", "val", "test")}
+    head = model.score
+    for p in head.parameters():
+        p.requires_grad_(True)
+    params = list(head.parameters())
+    opt = make_optimizer(attack, [{"params": params, "weight_decay": attack.weight_decay}])
+    x_NH, y_N = feats["train"]
+    g = torch.Generator().manual_seed(seed * 7919 + 3)
+    points, curve, losses = set(eval_steps(steps, budget.eval_every)), [], []
+    perm, pos = torch.randperm(len(y_N), generator=g), 0
+
+    def ev(split: str) -> dict:
+        xs, ys = feats[split]
+        logits = head(xs)
+        return {"accuracy": float((logits.argmax(-1) == ys).float().mean()),
+                "loss": float(torch.nn.functional.cross_entropy(logits, ys))}
+
+    for step in range(steps):
+        if pos >= len(y_N):
+            perm, pos = torch.randperm(len(y_N), generator=g), 0
+        idx = perm[pos:pos + budget.batch_size]
+        pos += budget.batch_size
+        for grp in opt.param_groups:
+            grp["lr"] = lr_for(attack, step, steps)
+        loss = torch.nn.functional.cross_entropy(head(x_NH[idx]), y_N[idx])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        if step + 1 in points:
+            with torch.no_grad():
+                curve.append({"step": step + 1, "train_loss": sum(losses[-budget.eval_every:]) /
+                              len(losses[-budget.eval_every:]), "val": ev("val"), "test": ev("test")})
+    return {"curve": curve, "train_losses": losses, "trainable_parameters": sum(p.numel() for p in params),
+            "complement_unchanged": None}
