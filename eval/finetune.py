@@ -18,7 +18,6 @@ import math
 import time
 
 import torch
-
 from pmp.eval.attacks import Attack, Budget
 from pmp.eval.probes import DIRECTION, METRIC, PreparedTask, TrainBatches, evaluate, features, head_names
 from pmp.train.schedule import lr_at
@@ -160,9 +159,10 @@ def finetune(model, task: PreparedTask, attack: Attack, budget: Budget, seed: in
             opt.step()
             opt.zero_grad(set_to_none=True)
             tr.after_step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if step + 1 in points:
-                pt = {"step": step + 1, "train_loss": sum(losses[-budget.eval_every:]) / len(losses[-budget.eval_every:]),
+                window = losses[-budget.eval_every:]
+                pt = {"step": step + 1, "train_loss": sum(window) / len(window),
                       "val": evaluate(tr.model, task, "val"), "test": evaluate(tr.model, task, "test")}
                 curve.append(pt)
                 if log:

@@ -129,7 +129,8 @@ class MaskIdentifier:
         """Top-rho of the smoothed scores; whole blocks for the tensors in `block_names`."""
         rho, bs = self.cfg.density, self.cfg.block_size
         units = {n: block_scores(s, bs) if n in self.block_names else s for n, s in self.ema.items()}
-        sizes = {n: block_sizes(s.shape, bs).to(s.device) if n in self.block_names else None for n, s in self.ema.items()}
+        sizes = {n: block_sizes(s.shape, bs).to(s.device) if n in self.block_names else None
+                 for n, s in self.ema.items()}
         if self.cfg.selection == "per_tensor":
             sel = {n: select_units(u.flatten(), sizes[n], round(rho * self.ema[n].numel())) for n, u in units.items()}
         else:

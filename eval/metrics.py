@@ -1,0 +1,175 @@
+"""The evaluation vocabulary as arithmetic on results JSONs (see DESIGN.md, "Evaluation vocabulary").
+
+- gain = metric after fine-tuning - the same model's frozen-probe metric, SIGN-ADJUSTED so that positive is
+  better for every metric: for perplexity (lower is better) gain = ppl(probe) - ppl(after).
+- gain ratio = mean gain(protected) / mean gain(baseline), same task, attack and budget; undefined (None) when the
+  baseline's mean gain is <= 0. Spread: min-max of the per-seed paired ratios (seed i with seed i).
+- authorized recovery = mean gain of the owner's mask-aware fine-tuning of the protected model (its best
+  `authorized` attack) / mean gain of the baseline's BEST attack at the same budget (the strongest thing the
+  dense model reaches). 1.0 = the owner recovers everything dense fine-tuning offers.
+- validity (per task and budget): the baseline's best attack beats the from-scratch model's best attack (means
+  over seeds, raw metric, direction-aware). Gain ratios on invalid tasks are shown but flagged and never averaged.
+- best attack: per model and task, the attack with the best mean validation-selected test metric (the attacker
+  picks the best; choosing on test is generous to the attacker, i.e. conservative for the protection).
+Every headline uses the validation-selected test metric; the final-step metric is reported beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+
+def signed_gain(before: float, after: float, direction: str) -> float:
+    """after - before, sign-adjusted so that positive = better (direction 'higher' or 'lower')."""
+    if direction not in ("higher", "lower"):
+        raise ValueError(f"direction must be 'higher' or 'lower', got {direction!r}")
+    return after - before if direction == "higher" else before - after
+
+
+def better(a: float, b: float, direction: str) -> bool:
+    return a > b if direction == "higher" else a < b
+
+
+def spread(values: list[float]) -> dict:
+    """mean, sample std (0 for one value), min, max, n."""
+    n = len(values)
+    if n == 0:
+        return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan, "n": 0}
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 and all(map(math.isfinite, values)) else 0.0
+    return {"mean": mean, "std": math.sqrt(var), "min": min(values), "max": max(values), "n": n}
+
+
+def ratio(num: float, den: float) -> float | None:
+    """num / den, or None where the denominator is not a positive gain (the ratio would mean nothing)."""
+    if den is None or num is None or not math.isfinite(den) or den <= 0 or not math.isfinite(num):
+        return None
+    return num / den
+
+
+def load_cells(results_dir: str | Path) -> list[dict]:
+    """Every finished cell JSON under RESULTS_DIR/cells (or RESULTS_DIR itself); corrupt files are skipped."""
+    d = Path(results_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"results directory {d} does not exist")
+    cells_dir = d / "cells" if (d / "cells").is_dir() else d
+    out = []
+    for f in sorted(cells_dir.glob("*.json")):
+        try:
+            rec = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(rec, dict) and rec.get("status") == "done" and "attack" in rec:
+            out.append(rec)
+    if not out:
+        raise ValueError(f"{d} holds no finished result cells (cells/*.json); run `pmp attack --out {d}` first")
+    return out
+
+
+def budget_key(cell: dict) -> tuple:
+    b = cell.get("budget", {})
+    return (b.get("steps"), b.get("batch_size"), b.get("max_train"), b.get("max_len"))
+
+
+def aggregate(cells: list[dict]) -> dict:
+    """(model, task, attack) -> seed statistics of before / after (val-selected, final) / gains."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for c in cells:
+        groups[(c["model"], c["task"], c["attack"])].append(c)
+    out = {}
+    for key, cs in groups.items():
+        cs = sorted(cs, key=lambda c: c["seed"])
+        d = cs[0]["direction"]
+        kinds = {c["direction"] for c in cs}
+        if len(kinds) > 1:
+            raise ValueError(f"cells of {key} disagree on the metric direction: {kinds}")
+        out[key] = {
+            "model": key[0], "task": key[1], "attack": key[2], "role": cs[0].get("model_role", "other"),
+            "attack_kind": cs[0].get("attack_kind", ""), "metric": cs[0]["metric"], "direction": d,
+            "task_kind": cs[0].get("task_kind", ""), "budget": budget_key(cs[0]),
+            "seeds": [c["seed"] for c in cs],
+            "before": spread([c["before"] for c in cs]),
+            "after": spread([c["after_val_selected"] for c in cs]),
+            "after_final": spread([c["after_final"] for c in cs]),
+            "gain": spread([signed_gain(c["before"], c["after_val_selected"], d) for c in cs]),
+            "gain_final": spread([signed_gain(c["before"], c["after_final"], d) for c in cs]),
+            "gain_by_seed": {c["seed"]: signed_gain(c["before"], c["after_val_selected"], d) for c in cs},
+        }
+    return out
+
+
+def roles(agg: dict, baseline: str = "", protected: list[str] | None = None) -> dict[str, str]:
+    """model -> role, from the cells (recorded at attack time) unless overridden here."""
+    r = {a["model"]: a["role"] for a in agg.values()}
+    if baseline:
+        if baseline not in r:
+            raise ValueError(f"--baseline {baseline!r} is not a model in these results: {', '.join(sorted(r))}")
+        r = {m: ("other" if role == "baseline" else role) for m, role in r.items()}
+        r[baseline] = "baseline"
+    for m in protected or []:
+        if m not in r:
+            raise ValueError(f"--protected {m!r} is not a model in these results: {', '.join(sorted(r))}")
+        r[m] = "protected"
+    if sum(role == "baseline" for role in r.values()) > 1:
+        raise ValueError(f"more than one baseline model ({[m for m, x in r.items() if x == 'baseline']}); pick one "
+                         "with --baseline")
+    return r
+
+
+def best_attack(agg: dict, model: str, task: str, kinds: tuple[str, ...] | None = None,
+                budget: tuple | None = None) -> dict | None:
+    """The attack with the best mean validation-selected test metric (optionally among kinds / one budget)."""
+    best = None
+    for a in agg.values():
+        if a["model"] != model or a["task"] != task or a["attack_kind"] == "probe":
+            continue
+        if kinds is not None and a["attack_kind"] not in kinds:
+            continue
+        if budget is not None and a["budget"] != budget:
+            continue
+        if best is None or better(a["after"]["mean"], best["after"]["mean"], a["direction"]):
+            best = a
+    return best
+
+
+def validity(agg: dict, role_of: dict[str, str], task: str, budget: tuple | None = None) -> dict:
+    """Does fine-tuning the baseline beat training from scratch on this task (and budget)?"""
+    base = [m for m, r in role_of.items() if r == "baseline"]
+    scratch = [m for m, r in role_of.items() if r == "scratch"]
+    if not base or not scratch:
+        return {"valid": None, "why": "needs a baseline and a from-scratch model"}
+    b, s = best_attack(agg, base[0], task, budget=budget), best_attack(agg, scratch[0], task, budget=budget)
+    if b is None or s is None:
+        return {"valid": None, "why": "no fine-tuning results for the baseline or from scratch"}
+    ok = better(b["after"]["mean"], s["after"]["mean"], b["direction"])
+    return {"valid": ok, "baseline_best": b["after"]["mean"], "baseline_attack": b["attack"],
+            "scratch_best": s["after"]["mean"], "scratch_attack": s["attack"],
+            "why": "" if ok else "from scratch reaches the baseline's best: pre-training does not help here"}
+
+
+def gain_ratio(agg: dict, protected: str, baseline: str, task: str, attack: str) -> dict:
+    """Ratio of mean gains, and the min-max of per-seed paired ratios."""
+    p, b = agg.get((protected, task, attack)), agg.get((baseline, task, attack))
+    if p is None or b is None:
+        return {"ratio": None, "why": "missing cells"}
+    r = ratio(p["gain"]["mean"], b["gain"]["mean"])
+    paired = [ratio(p["gain_by_seed"][s], b["gain_by_seed"][s]) for s in p["gain_by_seed"] if s in b["gain_by_seed"]]
+    paired = [x for x in paired if x is not None]
+    return {"ratio": r, "paired_min": min(paired) if paired else None, "paired_max": max(paired) if paired else None,
+            "why": "" if r is not None else "baseline gain <= 0"}
+
+
+def authorized_recovery(agg: dict, protected: str, baseline: str, task: str) -> dict:
+    a = best_attack(agg, protected, task, kinds=("authorized",))
+    if a is None:
+        return {"recovery": None, "why": "no authorized cells (needs --private)"}
+    b = best_attack(agg, baseline, task, budget=a["budget"])
+    if b is None:
+        return {"recovery": None, "why": "no baseline cells at the same budget"}
+    r = ratio(a["gain"]["mean"], b["gain"]["mean"])
+    return {"recovery": r, "authorized_attack": a["attack"], "authorized_gain": a["gain"]["mean"],
+            "baseline_attack": b["attack"], "baseline_gain": b["gain"]["mean"],
+            "why": "" if r is not None else "baseline gain <= 0"}

