@@ -21,9 +21,9 @@ import time
 
 import torch
 from common import device, print_table, write_results
+from pmp.kernels import MaskLayout
 
 from pmp.config import ModelConfig
-from pmp.kernels import MaskLayout
 from pmp.masked_optim import MaskedAdamW
 from pmp.masked_state import MaskedModel
 from pmp.model import build_model, hf_config
