@@ -14,6 +14,7 @@ import argparse
 
 import torch
 from common import bench_ms, device, parse_dtype, print_table, write_results
+
 from pmp.kernels import MaskLayout, backend, masked_weight_grad, reference
 
 

@@ -18,6 +18,7 @@ import functools
 
 import torch
 from common import bench_ms, copy_bandwidth_gbs, device, parse_dtype, print_table, write_results
+
 from pmp.kernels import MaskLayout, backend, masked_adamw_, reference
 
 HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=10)

@@ -16,6 +16,7 @@ import functools
 
 import torch
 from common import bench_ms, device, parse_dtype, peak_mem_mb, print_table, write_results
+
 from pmp.kernels import MaskLayout, backend, masked_weight_grad, reference
 
 

@@ -21,9 +21,9 @@ import time
 
 import torch
 from common import device, print_table, write_results
-from pmp.kernels import MaskLayout
 
 from pmp.config import ModelConfig
+from pmp.kernels import MaskLayout
 from pmp.masked_optim import MaskedAdamW
 from pmp.masked_state import MaskedModel
 from pmp.model import build_model, hf_config
@@ -76,19 +76,30 @@ def step_time(model, batches, pmp_rho: float | None, lr=1e-3) -> float:
         mm = MaskedModel(model, random_layouts(model, pmp_rho), master=False)
         params = mm.trainable_parameters()
         opt = MaskedAdamW(mm, lr=lr, weight_decay=0.1)
+    dev = next(model.parameters()).device
+    cuda = dev.type == "cuda"
     times = []
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(dev)
     for i, b in enumerate(batches):
+        b = b.to(dev)
         t0 = time.perf_counter()
-        model(input_ids=b, labels=b).loss.backward()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = model(input_ids=b, labels=b).loss
+        loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
         if i:  # the first step allocates state
             times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(dev) / 1e6 if cuda else None
     if mm is not None:
         mm.detach()
     times.sort()
-    return times[len(times) // 2]
+    return times[len(times) // 2], peak
 
 
 def main() -> None:
@@ -131,18 +142,19 @@ def main() -> None:
         p = PRESETS[args.time_preset]
         g = torch.Generator().manual_seed(1)
         batches = [torch.randint(0, p.vocab_size, (args.batch, args.seq), generator=g) for _ in range(args.steps + 1)]
-        model = build_model(hf_config(ModelConfig(preset=args.time_preset), p.vocab_size, 0, 0, args.seq), 0)
-        base = step_time(model, batches, None)
         tokens = args.batch * args.seq
-        timing.append({"preset": args.time_preset, "method": "dense", "rho": 1.0, "step_s": base,
-                       "tokens_per_s": tokens / base, "x_dense": 1.0})
-        for rho in args.densities:
+        base = None
+        for rho in [None, *args.densities]:
             model = build_model(hf_config(ModelConfig(preset=args.time_preset), p.vocab_size, 0, 0, args.seq), 0)
-            t = step_time(model, batches, rho)
-            timing.append({"preset": args.time_preset, "method": "pmp", "rho": rho, "step_s": t,
-                           "tokens_per_s": tokens / t, "x_dense": t / base})
-        print(f"\nTraining step on {dev} (batch {args.batch} x {args.seq} tokens, median of {args.steps}):")
-        print_table(timing, ["preset", "method", "rho", "step_s", "tokens_per_s", "x_dense"])
+            t, peak = step_time(model.to(dev), batches, rho)
+            base = base or t
+            timing.append({"preset": args.time_preset, "method": "dense" if rho is None else "pmp",
+                           "rho": rho or 1.0, "step_s": t, "tokens_per_s": tokens / t, "x_dense": t / base,
+                           "peak_MB": peak})
+            del model
+        amp = " bf16 autocast," if dev.type == "cuda" else ""
+        print(f"\nTraining step on {dev} ({amp} batch {args.batch} x {args.seq} tokens, median of {args.steps}):")
+        print_table(timing, ["preset", "method", "rho", "step_s", "tokens_per_s", "x_dense", "peak_MB"])
     if not args.no_save:
         write_results("train_state", vars(args), rows + timing, dev)
 

@@ -178,8 +178,8 @@ register(Attack("probe", "probe", lr=1e-2, schedule="constant", note="frozen bas
 for _opt, _lrs in FULL_LRS.items():
     for _lr in _lrs:
         for _sch in SCHEDULES:
-            register(Attack(f"full_{_opt}_{_lr_tag(_lr)}_{_schedule_tag(_sch)}", "full", optimizer=_opt, lr=_lr, schedule=_sch,
-                            weight_decay=0.01 if _opt in ("adamw",) else 0.0, scratch=True))
+            register(Attack(f"full_{_opt}_{_lr_tag(_lr)}_{_schedule_tag(_sch)}", "full", optimizer=_opt, lr=_lr,
+                            schedule=_sch, weight_decay=0.01 if _opt == "adamw" else 0.0, scratch=True))
 for _lr in (1e-4, 1e-3, 3e-3):
     register(Attack(f"lora_r8_{_lr_tag(_lr)}_cos", "lora", lr=_lr, lora_r=8, lora_alpha=16))
 register(Attack("lora_r32_1e-3_cos", "lora", lr=1e-3, lora_r=32, lora_alpha=32))

@@ -9,7 +9,8 @@
   dense model reaches). 1.0 = the owner recovers everything dense fine-tuning offers.
 - validity (per task and budget): the baseline's best attack beats the from-scratch model's best attack (means
   over seeds, raw metric, direction-aware). Gain ratios on invalid tasks are shown but flagged and never averaged.
-- best attack: per model and task, the attack with the best mean validation-selected test metric (the attacker
+- best attack: per model and task, the UNAUTHORIZED attack (not probe, not authorized) with the best mean
+  validation-selected test metric (the attacker
   picks the best; choosing on test is generous to the attacker, i.e. conservative for the protection).
 Every headline uses the validation-selected test metric; the final-step metric is reported beside it.
 """
@@ -121,10 +122,13 @@ def roles(agg: dict, baseline: str = "", protected: list[str] | None = None) -> 
 
 def best_attack(agg: dict, model: str, task: str, kinds: tuple[str, ...] | None = None,
                 budget: tuple | None = None) -> dict | None:
-    """The attack with the best mean validation-selected test metric (optionally among kinds / one budget)."""
+    """The attack with the best mean validation-selected test metric (optionally among kinds / one budget).
+    By default among the UNAUTHORIZED attacks: `authorized` needs the private mask, which an attacker lacks."""
     best = None
     for a in agg.values():
         if a["model"] != model or a["task"] != task or a["attack_kind"] == "probe":
+            continue
+        if kinds is None and a["attack_kind"] == "authorized":
             continue
         if kinds is not None and a["attack_kind"] not in kinds:
             continue

@@ -25,10 +25,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pmp.atomic import sha256_file, write_json
 from pmp.eval.attacks import Attack, Suite, fingerprint
 from pmp.eval.finetune import finetune, random_layouts
-from pmp.eval.probes import (check_private_run, check_release, head_names, load_model, load_tokenizer, prepare_task)
+from pmp.eval.probes import check_private_run, check_release, head_names, load_model, load_tokenizer, prepare_task
+
+from pmp.atomic import sha256_file, write_json
 
 SCRATCH = "from_scratch"
 
@@ -90,8 +91,9 @@ def resolve_models(models: dict[str, str], private: dict[str, str] | None = None
 def resolve_tasks(names: str = "default", cache_dir: str = "", task_file: str = "", text_column: str = "text",
                   label_column: str = "label", lm_file: str = "") -> list:
     """TaskData for: the default tasks ('default'), a comma list of registered tasks, plus user files."""
-    from pmp.data.tasks import default_classification_tasks, default_lm_probe, list_tasks, load_task, load_task_file
     from pmp.eval.probes import lm_task_from_text
+
+    from pmp.data.tasks import default_classification_tasks, default_lm_probe, list_tasks, load_task, load_task_file
 
     wanted: list[str] = []
     for n in [x.strip() for x in (names or "").split(",") if x.strip()]:
@@ -299,8 +301,9 @@ class Sweep:
 
     @staticmethod
     def _line(r: dict) -> str:
-        return (f"[attack] {r['cell']}: {r['metric']} before {r['before']:.4f} -> val-selected {r['after_val_selected']:.4f}"
-                f" (step {r['selected_step']}), final {r['after_final']:.4f} | {r['wall_seconds']:.1f}s")
+        return (f"[attack] {r['cell']}: {r['metric']} before {r['before']:.4f} -> val-selected "
+                f"{r['after_val_selected']:.4f} (step {r['selected_step']}), final {r['after_final']:.4f} | "
+                f"{r['wall_seconds']:.1f}s")
 
     def manifest(self) -> dict:
         return {"models": [{"name": m.name, "path": str(m.path) if m.path else None, "role": m.role,

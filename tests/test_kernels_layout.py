@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from pmp.kernels import MaskLayout, pack_mask, row_popcount, unpack_mask
 from pmp.kernels.mask_layout import view_2d
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from pmp.kernels import MaskLayout, reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

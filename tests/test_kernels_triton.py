@@ -14,9 +14,8 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
 
-from pmp.kernels import MaskLayout, bitmask, masked_adamw, reference, routing, sddmm  # noqa: E402  # noqa: E402
-
 from pmp import kernels  # noqa: E402
+from pmp.kernels import MaskLayout, bitmask, masked_adamw, reference, routing, sddmm  # noqa: E402  # noqa: E402
 
 # triton 3.6's interpreter converts a runtime loop bound through a 1-element array (numpy >= 1.25 warns); harmless
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")

@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
-from pmp.kernels import MaskLayout
 from torch.func import functional_call
 
 from pmp.config import ModelConfig
+from pmp.kernels import MaskLayout
 from pmp.masked_optim import MaskedAdamW
 from pmp.masked_state import MaskedLinearFunction, MaskedModel
 from pmp.model import build_model, hf_config

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from corpus_fixture import write_corpus
-from pmp.train.trainer import pretrain
 from safetensors.torch import load_file
 
 from pmp.cli import main
 from pmp.config import load_config
 from pmp.mask import PrivateMask
+from pmp.train.trainer import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 

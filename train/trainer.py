@@ -15,10 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-from pmp.train.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from pmp.train.logger import RunLogger, memory_mb
-from pmp.train.run_dir import RunDir, initialize_run, open_run
-from pmp.train.schedule import lr_at
 from safetensors.torch import load_file
 
 from pmp.atomic import atomic_dir, atomic_file, sha256_file, write_json
@@ -28,6 +24,10 @@ from pmp.mask import PrivateMask
 from pmp.masked_optim import MaskedAdamW
 from pmp.masked_state import MaskedModel
 from pmp.model import build_model, count_parameters, draw_init_seed, hf_config
+from pmp.train.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pmp.train.logger import RunLogger, memory_mb
+from pmp.train.run_dir import RunDir, initialize_run, open_run
+from pmp.train.schedule import lr_at
 
 
 def pretrain(cfg: RunConfig, out: str | Path, resume: bool = False) -> RunDir:
