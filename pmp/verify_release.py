@@ -288,7 +288,7 @@ def _private_scans(report: VerifyReport, release: Path, run_root: Path) -> None:
         hits = scan_for_chunks(files, needles)
         report.add("no packed mask bytes in any file", hits,
                    f"{len(needles)} chunks of {len(mask.layouts) - len(skipped)} tensors searched"
-                   + (f"; {len(skipped)} tensors too short or uniform to search" if skipped else ""))
+                   + (f"; {len(skipped)} tensors too short or (nearly) uniform to search" if skipped else ""))
         fp = mask.fingerprint()
         report.add("no mask fingerprint in any file",
                    _find_literals(files, {"fingerprint hex": [fp.encode(), fp.upper().encode()],
@@ -317,7 +317,8 @@ def _private_scans(report: VerifyReport, release: Path, run_root: Path) -> None:
 
 def mask_needles(mask) -> tuple[list[tuple[str, bytes, int, int]], list[str]]:
     """(tensor, chunk, key offset, 8-byte key as uint64) for every informative CHUNK-byte piece of the packed
-    mask; tensors whose packed bytes are shorter than 16 or all 0x00 / 0xFF are skipped (they occur by chance)."""
+    mask. Tensors whose packed bytes are shorter than 16, or all (or nearly all) 0x00 / 0xFF so that no 8-byte key
+    has 3 distinct byte values, are skipped: such byte strings can occur by chance (zero runs in weights)."""
     needles, skipped = [], []
     for name in sorted(mask.layouts):
         b = mask.layouts[name].packed_bytes().cpu().numpy().tobytes()

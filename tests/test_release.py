@@ -154,6 +154,9 @@ def test_release_holds_nothing_mask_derived(runs, release):
     files = sorted(release.iterdir())
     assert {p.name for p in files} == {"README.md", "config.json", "generation_config.json", "model.safetensors",
                                        "tokenizer.json", "tokenizer_config.json"}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(p.stat().st_mode & 0o777 == 0o644 & ~umask for p in files)  # readable by others: it is public
     fp = PrivateMask.load(runs.pmp / "private").fingerprint()
     seed = json.loads((runs.pmp / "private" / "init.json").read_text())["seed"]
     for p in files:
