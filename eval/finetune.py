@@ -219,7 +219,7 @@ def _probe(model, task: PreparedTask, attack: Attack, budget: Budget, seed: int,
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step + 1 in points:
             with torch.no_grad():
                 curve.append({"step": step + 1, "train_loss": sum(losses[-budget.eval_every:]) /

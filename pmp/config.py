@@ -94,7 +94,11 @@ class TrainConfig:
 class PMPConfig:
     density: float = doc("rho: fraction of entries in the private mask, in (0, 1]", 0.5)
     scorer: str = doc("entry score for identification: grad | weight | weight_grad | random", "grad")
-    selection: str = doc("top-rho over all masked tensors together (global) or within each (per_tensor)", "global")
+    selection: str = doc(
+        "top-rho within each tensor (per_tensor) or over all masked tensors together (global, the paper's choice; "
+        "raw |grad| scales differ per tensor, and global selection gave attention q/k ~0 % density on our runs)",
+        "per_tensor",
+    )
     scope: str = doc("which parameters get a mask: all (embeddings, norms, lm_head too) | linear (2-D linear only)",
                      "all")
     block_size: int = doc("0 = unstructured mask; 64 or 128 = block mask on 2-D linear weights", 0)

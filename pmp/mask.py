@@ -52,6 +52,17 @@ class PrivateMask:
     def per_tensor_density(self) -> dict[str, float]:
         return {n: lay.nnz / max(lay.rows * lay.cols, 1) for n, lay in self.layouts.items()}
 
+    def density_by_kind(self) -> dict[str, float]:
+        """Realised density per tensor kind (embeddings, q/k/v/o, mlp, norms, lm_head): global |grad| selection
+        can starve whole kinds (q/k projections got ~0 % on a debug run), so runs report this."""
+        nnz: dict[str, int] = {}
+        tot: dict[str, int] = {}
+        for n, lay in self.layouts.items():
+            k = tensor_kind(n)
+            nnz[k] = nnz.get(k, 0) + lay.nnz
+            tot[k] = tot.get(k, 0) + lay.rows * lay.cols
+        return {k: nnz[k] / max(tot[k], 1) for k in sorted(nnz)}
+
     def fingerprint(self) -> str:
         """sha256 over names, shapes and packed bits: identifies the mask exactly."""
         h = hashlib.sha256()
@@ -120,3 +131,16 @@ class PrivateMask:
         if mask.fingerprint() != meta.get("sha256"):
             raise ValueError(f"private mask in {d} fails its integrity hash: corrupt or edited")
         return mask
+
+
+_KINDS = (("embed", "embeddings"), ("wte", "embeddings"), ("wpe", "embeddings"), ("lm_head", "lm_head"),
+          ("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_o"),
+          ("c_attn", "attn_qkv"), ("attn.c_proj", "attn_o"), ("mlp", "mlp"), ("norm", "norms"), ("ln_", "norms"))
+
+
+def tensor_kind(name: str) -> str:
+    """A coarse kind for a parameter name of the stock Llama / GPT-2 layouts (for reports)."""
+    for key, kind in _KINDS:
+        if key in name:
+            return kind
+    return "other"

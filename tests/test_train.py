@@ -63,7 +63,7 @@ def test_dense_run_learns_and_writes_artifacts(corpus, tmp_path):
 
 
 def test_pmp_run_freezes_complement_exactly(corpus, tmp_path):
-    cfg = load_config(None, tiny_overrides(corpus, **{"pmp.density": 0.3}))
+    cfg = load_config(None, tiny_overrides(corpus, **{"pmp.density": 0.3, "pmp.selection": "global"}))
     run = pretrain(cfg, tmp_path / "run")
     mask = PrivateMask.load(run.root / "private")
     init = load_file(str(run.root / "private" / "init.safetensors"))

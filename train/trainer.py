@@ -167,6 +167,9 @@ class Trainer:
             f.writelines(json.dumps(r) + "\n" for r in self.identifier.history)
         self.log.echo(f"[pmp] mask identified at step {self.step} ({rec['reason']}, last IoU {rec['iou']:.4f}): "
                       f"{self.mask.nnz:,} of {self.mask.total:,} entries ({self.mask.density():.4f})")
+        by_kind = self.mask.density_by_kind()
+        self.log.echo("[pmp] mask density by kind: " + ", ".join(f"{k} {v:.3f}" for k, v in by_kind.items()))
+        self.log.log({"step": self.step, "phase": "identify", "mask_density_by_kind": by_kind})
         if p.rewind:
             self.model.load_state_dict(self.init_state)
         self.identifier = None
