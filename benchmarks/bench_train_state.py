@@ -11,7 +11,8 @@ masters + mask layouts), not computed from a formula:
   the generic path (embeddings, norms) lives during backward only; it is reported separately.
 Masks are random with the global density rho (the state size depends only on the count). The base125m row is
 built and stepped with synthetic gradients (no forward pass). Step time: median wall time of a full training
-step (forward, backward, clip, optimizer step) on the same batches, dense and PMP in the same run.
+step (forward, backward, clip, optimizer step) on the same batches, dense and PMP in the same run; on CPU the
+configurations run interleaved step by step, so load from other processes affects them alike.
 """
 
 from __future__ import annotations
@@ -67,39 +68,57 @@ def pmp_state(model, rho: float) -> dict:
     return out
 
 
-def step_time(model, batches, pmp_rho: float | None, lr=1e-3) -> float:
-    if pmp_rho is None:
-        params = list(model.parameters())
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
-        mm = None
-    else:
-        mm = MaskedModel(model, random_layouts(model, pmp_rho), master=False)
-        params = mm.trainable_parameters()
-        opt = MaskedAdamW(mm, lr=lr, weight_decay=0.1)
-    dev = next(model.parameters()).device
-    cuda = dev.type == "cuda"
-    times = []
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(dev)
-    for i, b in enumerate(batches):
-        b = b.to(dev)
-        t0 = time.perf_counter()
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = model(input_ids=b, labels=b).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+class Stepper:
+    """One full training step (forward, backward, clip, optimizer step) of a dense or PMP model."""
+
+    def __init__(self, model, pmp_rho: float | None, lr=1e-3):
+        self.model = model
+        if pmp_rho is None:
+            self.mm, self.params = None, list(model.parameters())
+            self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.1)
+        else:
+            self.mm = MaskedModel(model, random_layouts(model, pmp_rho), master=False)
+            self.params = self.mm.trainable_parameters()
+            self.opt = MaskedAdamW(self.mm, lr=lr, weight_decay=0.1)
+        self.dev = next(model.parameters()).device
+        self.times: list[float] = []
+
+    def step(self, b, timed: bool) -> None:
+        cuda = self.dev.type == "cuda"
+        b = b.to(self.dev)
         if cuda:
             torch.cuda.synchronize()
-        if i:  # the first step allocates state
-            times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(dev) / 1e6 if cuda else None
-    if mm is not None:
-        mm.detach()
-    times.sort()
-    return times[len(times) // 2], peak
+        t0 = time.perf_counter()
+        with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = self.model(input_ids=b, labels=b).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        if timed:
+            self.times.append(time.perf_counter() - t0)
+
+    def median(self) -> float:
+        t = sorted(self.times)
+        return t[len(t) // 2]
+
+
+def time_interleaved(steppers: list[Stepper], batches) -> None:
+    """Round-robin over configurations, step by step, so load from other processes hits all of them alike."""
+    for i, b in enumerate(batches):
+        for s in steppers:
+            s.step(b, timed=i > 0)  # the first step allocates optimizer state
+
+
+def peak_memory_mb(stepper: Stepper, b) -> float | None:
+    if stepper.dev.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(stepper.dev)
+    stepper.step(b, timed=False)
+    return torch.cuda.max_memory_allocated(stepper.dev) / 1e6
 
 
 def main() -> None:
@@ -143,15 +162,29 @@ def main() -> None:
         g = torch.Generator().manual_seed(1)
         batches = [torch.randint(0, p.vocab_size, (args.batch, args.seq), generator=g) for _ in range(args.steps + 1)]
         tokens = args.batch * args.seq
-        base = None
-        for rho in [None, *args.densities]:
-            model = build_model(hf_config(ModelConfig(preset=args.time_preset), p.vocab_size, 0, 0, args.seq), 0)
-            t, peak = step_time(model.to(dev), batches, rho)
-            base = base or t
+        rhos = [None, *args.densities]
+
+        def make(rho):
+            m = build_model(hf_config(ModelConfig(preset=args.time_preset), p.vocab_size, 0, 0, args.seq), 0)
+            return Stepper(m.to(dev), rho)
+
+        if dev.type == "cuda":  # one model on the device at a time: peak memory must not mix configurations
+            steppers = []
+            for rho in rhos:
+                st = make(rho)
+                time_interleaved([st], batches)
+                st.peak = peak_memory_mb(st, batches[0])
+                st.model = st.opt = st.mm = st.params = None
+                steppers.append(st)
+        else:
+            steppers = [make(rho) for rho in rhos]
+            time_interleaved(steppers, batches)
+        base = steppers[0].median()
+        for rho, st in zip(rhos, steppers):
+            t = st.median()
             timing.append({"preset": args.time_preset, "method": "dense" if rho is None else "pmp",
                            "rho": rho or 1.0, "step_s": t, "tokens_per_s": tokens / t, "x_dense": t / base,
-                           "peak_MB": peak})
-            del model
+                           "peak_MB": getattr(st, "peak", None)})
         amp = " bf16 autocast," if dev.type == "cuda" else ""
         print(f"\nTraining step on {dev} ({amp} batch {args.batch} x {args.seq} tokens, median of {args.steps}):")
         print_table(timing, ["preset", "method", "rho", "step_s", "tokens_per_s", "x_dense", "peak_MB"])

@@ -22,6 +22,7 @@ is traced once from `pmp.model.build_model` (public code), the skip is one bulk 
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -136,7 +137,7 @@ def init_nll(release: Release, dist: dict[str, InitDist]) -> Scores:
     return out
 
 
-def init_mixture(release: Release, dist: dict[str, InitDist], iters: int = 40, sample: int = 200_000,
+def init_mixture(release: Release, dist: dict[str, InitDist], iters: int = 40, sample: int = 50_000,
                  seed: int = 0) -> Scores:
     """Posterior P(trained | w) under a per-tensor two-component mixture: the KNOWN init Gaussian (complement)
     and a free Gaussian (trained entries) fitted by EM. Calibrated across tensors, unlike raw |w|."""
@@ -152,27 +153,27 @@ def init_mixture(release: Release, dist: dict[str, InitDist], iters: int = 40, s
         m0, s0 = d.mean, d.std
         pi, m1, s1 = 0.5, float(x.mean()), max(float(x.std()), 1.5 * s0)
 
-        def post(v: torch.Tensor, pi=pi, m1=m1, s1=s1) -> torch.Tensor:
-            l0 = -0.5 * ((v - m0) / s0) ** 2 - torch.log(torch.tensor(s0, dtype=v.dtype)) + torch.log(
-                torch.tensor(1 - pi, dtype=v.dtype))
-            l1 = -0.5 * ((v - m1) / s1) ** 2 - torch.log(torch.tensor(s1, dtype=v.dtype)) + torch.log(
-                torch.tensor(pi, dtype=v.dtype))
-            return torch.sigmoid(l1 - l0)
-
         for _ in range(iters):
-            r = post(x, pi, m1, s1)
+            r = _posterior(x, m0, s0, pi, m1, s1)
             pi = float(r.mean().clamp(1e-4, 1 - 1e-4))
             m1 = float((r * x).sum() / r.sum().clamp_min(1e-12))
             s1 = max(float(((r * (x - m1) ** 2).sum() / r.sum().clamp_min(1e-12)).sqrt()), 1e-3 * s0)
-        s = post(w.double(), pi, m1, s1).float()
+        s = _posterior(w.double(), m0, s0, pi, m1, s1).float()
         off = w != _rounded(d.const_value, release.storage_dtype)
         out[n] = torch.where(d.const_mask, off.float(), s)
     return out
 
 
+def _posterior(v: torch.Tensor, m0: float, s0: float, pi: float, m1: float, s1: float) -> torch.Tensor:
+    """P(component 1 | v) for pi*N(m1, s1^2) + (1-pi)*N(m0, s0^2)."""
+    l0 = -0.5 * ((v - m0) / s0) ** 2 - math.log(s0) + math.log(1 - pi)
+    l1 = -0.5 * ((v - m1) / s1) ** 2 - math.log(s1) + math.log(pi)
+    return torch.sigmoid(l1 - l0)
+
+
 def structural(release: Release, dist: dict[str, InitDist]) -> Scores:
     """Structural tells: on entries that are a constant at init (norm weights 1.0, biases 0.0, the padding row),
-    0 = exactly at the constant (probably untrained), 1 = moved. Random-init entries get 0.5 (no information);
+    0 = exactly at the constant (probably untrained), 1 = moved. Random-init entries are NaN (no opinion);
     tensors without constant-init entries are left out."""
     out = {}
     for n, w in release.weights.items():
@@ -180,7 +181,7 @@ def structural(release: Release, dist: dict[str, InitDist]) -> Scores:
         if not d.const_mask.any():
             continue
         off = (w != _rounded(d.const_value, release.storage_dtype)).float()
-        out[n] = torch.where(d.const_mask, off, torch.full_like(w, 0.5))
+        out[n] = torch.where(d.const_mask, off, torch.full_like(w, float("nan")))
     return out
 
 
@@ -205,38 +206,55 @@ def text_batches(release: Release, texts: list[str], batches: int, batch_size: i
     return [blocks[i: i + batch_size] for i in range(0, n_blocks, batch_size)]
 
 
-def gradient_scores(release: Release, batches: list[torch.Tensor], max_seconds: float = 0.0) -> tuple[Scores, dict]:
-    """LM-loss gradients at the released weights: |mean grad| (`grad`), mean squared grad (`fisher`, the
-    diagonal empirical Fisher), and |mean| / rms over batches (`grad_snr`), each also negated (`low_*`): trained
-    entries sit near a stationary point (small, inconsistent gradient), untrained ones need not. Which direction
-    wins is an empirical question an attacker answers on a shadow PMP run of their own."""
-    model = release.model
+def _grad_stats(model: torch.nn.Module, batches: list[torch.Tensor], t_end: float) -> tuple[dict, dict, dict, int]:
     params = dict(model.named_parameters())
     g_sum = {n: torch.zeros_like(p) for n, p in params.items()}
     g_sq = {n: torch.zeros_like(p) for n, p in params.items()}
-    t0, used = time.perf_counter(), 0
+    g_abs = {n: torch.zeros_like(p) for n, p in params.items()}
+    used = 0
     for x in batches:
         model.zero_grad(set_to_none=True)
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
+        model(input_ids=x, labels=x).loss.backward()
         for n, p in params.items():
             if p.grad is not None:
                 g_sum[n] += p.grad
                 g_sq[n] += p.grad ** 2
+                g_abs[n] += p.grad.abs()
         used += 1
-        if max_seconds and time.perf_counter() - t0 > max_seconds:
+        if time.perf_counter() > t_end:
             break
     model.zero_grad(set_to_none=True)
-    out: dict[str, Scores] = {k: {} for k in ("grad", "fisher", "grad_snr")}
-    for n in params:
+    return g_sum, g_sq, g_abs, used
+
+
+def gradient_scores(release: Release, batches: list[torch.Tensor], max_seconds: float = 0.0,
+                    shadow_seed: int = 20_260_101) -> tuple[dict[str, Scores], dict]:
+    """Gradients of the LM loss on the attacker's text.
+
+    At the released weights: |mean grad| (`grad`), mean squared grad (`fisher`, the diagonal empirical Fisher) and
+    |mean| / rms over batches (`grad_snr`). Masked entries were chosen for their large |gradient| during warm-up and
+    stay the sensitive coordinates. (The negated scores `-s` have AUROC exactly 1 - AUROC(s); not listed.)
+    At a SHADOW init (the architecture built at a public seed, weights unrelated to the secret init): mean |grad|
+    (`shadow_grad`), a cheap stand-in for re-running the public identification rule: which tensors, embedding rows
+    (token frequencies) and lm_head rows get large gradients is a property of the architecture and the data, not
+    of the particular random init."""
+    from pmp.model import build_model
+
+    t0 = time.perf_counter()
+    half = t0 + (max_seconds / 2 if max_seconds else float("inf"))
+    g_sum, g_sq, _, used = _grad_stats(release.model, batches, half)
+    out: dict[str, Scores] = {"grad": {}, "fisher": {}, "grad_snr": {}, "shadow_grad": {}}
+    for n in g_sum:
         mean, msq = g_sum[n] / used, g_sq[n] / used
         out["grad"][n] = mean.abs()
         out["fisher"][n] = msq
         out["grad_snr"][n] = mean.abs() / (msq.sqrt() + 1e-30)
-    for k in ("grad", "fisher", "grad_snr"):
-        out[f"low_{k}"] = {n: -s for n, s in out[k].items()}
-    return out, {"batches": used, "tokens": int(sum(b.numel() for b in batches[:used])),
-                 "seconds": time.perf_counter() - t0}
+    shadow = build_model(release.config, shadow_seed)
+    shadow.eval()
+    _, _, g_abs, used_s = _grad_stats(shadow, batches[:used], t0 + max_seconds if max_seconds else float("inf"))
+    out["shadow_grad"] = {n: g / used_s for n, g in g_abs.items() if n in release.weights}
+    return out, {"batches": used, "shadow_batches": used_s, "tokens": int(sum(b.numel() for b in batches[:used])),
+                 "seconds": time.perf_counter() - t0, "shadow_seed": shadow_seed}
 
 
 # ---------------------------------------------------------------------------------------------- seed guessing
@@ -247,6 +265,7 @@ class InitTrace:
     name: str  # the parameter the fingerprint draw initialises
     length: int  # fingerprint entries compared
     method: str = ""  # "bulk skip" | "exact replay" | "full build"
+    random: torch.Tensor | None = None  # bool: fingerprint entries that differ between seeds (not init constants)
     notes: list[str] = field(default_factory=list)
 
 
@@ -325,9 +344,10 @@ def _built_fingerprint(config, trace: InitTrace, seed: int) -> torch.Tensor:
 
 def choose_fingerprint_method(config, trace: InitTrace) -> InitTrace:
     """Validate the fast fingerprint against real builds at two seeds; fall back to slower exact methods."""
-    refs = {s: _built_fingerprint(config, trace, s) for s in (3, 2**32 + 77)}
+    refs = {s: _built_fingerprint(config, trace, s) for s in (3, 77)}
+    trace.random = refs[3] != refs[77]  # e.g. the padding row of an embedding is 0 at every seed
     for method, bulk in (("bulk skip", True), ("exact replay", False)):
-        if all(torch.equal(_fingerprint(trace, s, bulk), r) for s, r in refs.items()):
+        if all(torch.equal(_fingerprint(trace, s, bulk)[trace.random], r[trace.random]) for s, r in refs.items()):
             trace.method = method
             return trace
     trace.method = "full build"
@@ -354,22 +374,28 @@ def seed_guess(release: Release, max_seed: int = 1000, extra_seeds: list[int] | 
     init and score 1 where the release differs from it (trained), 0 where equal (complement)."""
     t0 = time.perf_counter()
     trace = choose_fingerprint_method(release.config, trace_init(release.config))
-    target = release.weights[trace.name].flatten()[: trace.length]
+    target = release.weights[trace.name].flatten()[: trace.length][trace.random]
     public = public_seeds(release.path)
     cands = list(dict.fromkeys(list(extra_seeds or []) + public + list(range(max_seed + 1)) + list(COMMON_SEEDS)))
-    info = {"fingerprint_tensor": trace.name, "fingerprint_entries": trace.length, "method": trace.method,
+    def fingerprint(seed: int) -> torch.Tensor:
+        fp = (_built_fingerprint(release.config, trace, seed) if trace.method == "full build"
+              else _fingerprint(trace, seed, trace.method == "bulk skip"))
+        return _rounded(fp, release.storage_dtype)[trace.random]
+
+    truncated = torch.equal(fingerprint(5), fingerprint(5 + 2**32))  # measured, not assumed
+    info = {"fingerprint_tensor": trace.name, "fingerprint_entries": int(trace.random.sum()), "method": trace.method,
             "notes": trace.notes, "public_seeds": public, "candidates": len(cands), "tried": 0,
-            "matched_seed": None, "effective_seed_bits": 32,
-            "note": "torch.manual_seed keeps the low 32 bits of a seed on CPU: seeds s and s + k*2^32 give the same "
-                    "init, so a brute force needs at most 2^32 fingerprints"}
-    perm = torch.randperm(trace.length, generator=torch.Generator().manual_seed(0))
+            "matched_seed": None, "seed_truncated_to_32_bits": truncated, "effective_seed_bits": 32 if truncated else 64,
+            "note": ("build_model(cfg, s) == build_model(cfg, s + 2^32) (torch.manual_seed keeps the low 32 bits on "
+                     "CPU): a brute force needs at most 2^32 fingerprints, whatever the seed's size") if truncated
+            else "seeds s and s + 2^32 give different inits"}
+    t_loop = time.perf_counter()
+    perm = torch.randperm(target.numel(), generator=torch.Generator().manual_seed(0))
     for s in cands:
         if max_seconds and time.perf_counter() - t0 > max_seconds:
             info["stopped"] = f"time budget ({max_seconds:.0f}s) reached after {info['tried']} seeds"
             break
-        fp = (_built_fingerprint(release.config, trace, s) if trace.method == "full build"
-              else _fingerprint(trace, s, trace.method == "bulk skip"))
-        fp = _rounded(fp, release.storage_dtype)
+        fp = fingerprint(s)
         n_eq = int((fp == target).sum())
         # control: the same values at shuffled positions measure chance collisions (many in bf16, ~0 in fp32)
         n_ctrl = int((fp[perm] == target).sum())
@@ -378,11 +404,12 @@ def seed_guess(release: Release, max_seed: int = 1000, extra_seeds: list[int] | 
             info["matched_seed"] = int(s)
             info["fingerprint_equal"] = n_eq
             break
-    dt = time.perf_counter() - t0
-    info["seconds"] = dt
-    info["seeds_per_second"] = info["tried"] / dt if dt > 0 else None
+    info["seconds"] = time.perf_counter() - t0
+    dt = time.perf_counter() - t_loop
+    info["seeds_per_second"] = info["tried"] / dt if dt > 0 and info["tried"] else None
     if info["seeds_per_second"]:
-        info["cpu_days_for_2^32_seeds_at_this_rate"] = 2**32 / info["seeds_per_second"] / 86400
+        space = 2**32 if truncated else 2**63
+        info["cpu_days_for_whole_seed_space_at_this_rate"] = space / info["seeds_per_second"] / 86400
     if info["matched_seed"] is None:
         return None, info
     from pmp.model import build_model

@@ -6,6 +6,7 @@
   pmp report RES [--out DIR]                  Markdown + PNG report of the attack results
   pmp export RUN --out RELEASE                the public release (stock HF directory, no mask) of a finished run
   pmp verify-release RELEASE [--private RUN]  audit a release; pmp prove-ownership RELEASE --private RUN
+  pmp audit RELEASE --private RUN [--out DIR]  mask secrecy audit: can the mask be read off the release?
 Bad input ends with one clear `error:` line and exit code 2; nothing already written is touched.
 """
 
@@ -49,7 +50,39 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     _release_parsers(sub)
     _attack_parsers(sub)
+    _audit_parser(sub)
     return parser
+
+
+def _audit_parser(sub) -> None:
+    aud = sub.add_parser("audit", help="mask secrecy audit: mask-recovery attacks on a release, scored against the "
+                         "true private mask (AUROC, precision@rho); writes audit.json, audit.md, recovered_mask/")
+    aud.add_argument("release", help="the release directory (`pmp export` output; RUN/final works too)")
+    aud.add_argument("--private", required=True, metavar="RUN", help="the private run dir: ground truth for scoring "
+                     "only (the attacks never read it)")
+    src = aud.add_mutually_exclusive_group()
+    src.add_argument("--text", default="", metavar="FILE", help="attacker text for the gradient attacks")
+    src.add_argument("--task", default="", metavar="NAME", help="a task's train texts for the gradient attacks "
+                     "(default: the LM probe, if the data cache is prepared)")
+    aud.add_argument("--cache-dir", default="", help="data cache directory ('' = $PMP_CACHE or ~/.cache/pmp)")
+    aud.add_argument("--out", default="", help="results directory (default RUN/audit: it describes the mask, keep it "
+                     "private)")
+    aud.add_argument("--max-seconds", type=float, default=600.0, help="time budget; seed guessing gets what is left")
+    aud.add_argument("--max-seed", type=int, default=1000, help="seed guessing tries 0..N (+ public/common seeds)")
+    aud.add_argument("--grad-batches", type=int, default=8, help="batches (8 x 128 tokens) for gradient attacks")
+    aud.add_argument("--simulate-norm-jitter", type=float, default=0.0, metavar="SIGMA", help="also audit a what-if "
+                     "copy whose norm weights start at 1 + N(0, SIGMA^2) (a proposed fix); 0 = off")
+
+
+def cmd_audit(args) -> int:
+    from pmp.eval.audit import run_audit
+
+    if args.max_seconds <= 0 or args.max_seed < 0 or args.grad_batches < 0 or args.simulate_norm_jitter < 0:
+        raise ValueError("--max-seconds must be > 0 and --max-seed, --grad-batches, --simulate-norm-jitter >= 0")
+    run_audit(args.release, args.private, args.out or None, text_file=args.text, task=args.task,
+              cache_dir=args.cache_dir, max_seconds=args.max_seconds, max_seed=args.max_seed,
+              grad_batches=args.grad_batches, simulate_norm_jitter=args.simulate_norm_jitter)
+    return 0
 
 
 def _release_parsers(sub) -> None:
@@ -192,6 +225,7 @@ COMMANDS = {("data", "prepare"): cmd_data_prepare, ("pretrain", None): cmd_pretr
 COMMANDS.update({("export", None): cmd_export, ("verify-release", None): cmd_verify_release,
                  ("prove-ownership", None): cmd_prove_ownership})
 COMMANDS.update({("attack", None): cmd_attack, ("report", None): cmd_report})
+COMMANDS.update({("audit", None): cmd_audit})
 
 
 def main(argv: list[str] | None = None) -> int:

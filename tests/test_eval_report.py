@@ -1,0 +1,123 @@
+"""The report's arithmetic on hand-written results JSONs with known answers (no training)."""
+
+import json
+import math
+
+import pytest
+
+from pmp.eval import metrics as M
+from pmp.eval.report import write_report
+
+BUDGET = {"steps": 100, "batch_size": 16, "max_train": 1000, "max_len": 64}
+
+
+def cell(model, role, task, attack, kind, seed, before, after, final=None, lm=False):
+    metric, direction = ("perplexity", "lower") if lm else ("accuracy", "higher")
+    final = after if final is None else final
+    return {"status": "done", "cell": f"{model}__{task}__{attack}__s{seed}", "model": model, "model_role": role,
+            "task": task, "task_kind": "lm" if lm else "classification", "metric": metric, "direction": direction,
+            "attack": attack, "attack_kind": kind, "seed": seed, "before": before, "after_val_selected": after,
+            "after_final": final, "budget": BUDGET, "suite": "handmade", "versions": {}, "git_commit": "unknown",
+            "curve": [{"step": 50, "val": {metric: after}, "test": {metric: final}},
+                      {"step": 100, "val": {metric: after}, "test": {metric: final}}]}
+
+
+def write(tmp_path, cells):
+    d = tmp_path / "res" / "cells"
+    d.mkdir(parents=True)
+    for c in cells:
+        (d / f"{c['cell']}.json").write_text(json.dumps(c))
+    return tmp_path / "res"
+
+
+def classification_cells(task="sent", scratch_after=(0.60, 0.62)):
+    cs = []
+    for s, (pb, db) in enumerate([(0.50, 0.55), (0.52, 0.57)]):
+        cs += [cell("pmp", "protected", task, "probe", "probe", s, pb, pb),
+               cell("dense", "baseline", task, "probe", "probe", s, db, db),
+               cell("from_scratch", "scratch", task, "probe", "probe", s, 0.5, 0.5)]
+    # full: pmp gains 0.05 / 0.07, dense gains 0.20 / 0.10 -> mean 0.06 / 0.15 = 0.4; paired 0.25 .. 0.7
+    cs += [cell("pmp", "protected", task, "full", "full", 0, 0.50, 0.55, final=0.53),
+           cell("pmp", "protected", task, "full", "full", 1, 0.52, 0.59),
+           cell("dense", "baseline", task, "full", "full", 0, 0.55, 0.75),
+           cell("dense", "baseline", task, "full", "full", 1, 0.57, 0.67),
+           cell("pmp", "protected", task, "lora", "lora", 0, 0.50, 0.51),
+           cell("pmp", "protected", task, "lora", "lora", 1, 0.52, 0.53),
+           cell("dense", "baseline", task, "lora", "lora", 0, 0.55, 0.54),  # dense gain -0.01 / -0.01: ratio n/a
+           cell("dense", "baseline", task, "lora", "lora", 1, 0.57, 0.56),
+           cell("pmp", "protected", task, "authorized", "authorized", 0, 0.50, 0.62),
+           cell("pmp", "protected", task, "authorized", "authorized", 1, 0.52, 0.66),
+           cell("from_scratch", "scratch", task, "full", "full", 0, 0.5, scratch_after[0]),
+           cell("from_scratch", "scratch", task, "full", "full", 1, 0.5, scratch_after[1])]
+    return cs
+
+
+def test_gain_ratio_spread_and_authorized_recovery(tmp_path):
+    agg = M.aggregate(M.load_cells(write(tmp_path, classification_cells())))
+    full_p, full_d = agg[("pmp", "sent", "full")], agg[("dense", "sent", "full")]
+    assert full_p["gain"]["mean"] == pytest.approx(0.06)
+    assert full_p["gain"]["std"] == pytest.approx(math.sqrt(2 * 0.01 ** 2))  # sample std of 0.05, 0.07
+    assert (full_p["gain"]["min"], full_p["gain"]["max"]) == (pytest.approx(0.05), pytest.approx(0.07))
+    assert full_p["gain_final"]["mean"] == pytest.approx((0.03 + 0.07) / 2)  # final-step metric beside it
+    assert full_d["gain"]["mean"] == pytest.approx(0.15)
+    gr = M.gain_ratio(agg, "pmp", "dense", "sent", "full")
+    assert gr["ratio"] == pytest.approx(0.4)
+    assert gr["paired_min"] == pytest.approx(0.25) and gr["paired_max"] == pytest.approx(0.7)
+    assert M.gain_ratio(agg, "pmp", "dense", "sent", "lora")["ratio"] is None  # baseline gain <= 0
+    ar = M.authorized_recovery(agg, "pmp", "dense", "sent")
+    assert ar["recovery"] == pytest.approx(0.13 / 0.15) and ar["baseline_attack"] == "full"
+    # the attacker's best attack never includes authorized fine-tuning (the attacker has no mask)
+    assert M.best_attack(agg, "pmp", "sent")["attack"] == "full"
+
+
+def test_validity_flag_and_invalid_tasks_are_not_averaged(tmp_path):
+    cells = classification_cells("ok", scratch_after=(0.60, 0.62)) + classification_cells("bad", (0.80, 0.80))
+    agg = M.aggregate(M.load_cells(write(tmp_path, cells)))
+    roles = M.roles(agg)
+    v_ok, v_bad = M.validity(agg, roles, "ok"), M.validity(agg, roles, "bad")
+    assert v_ok["valid"] is True and v_ok["baseline_best"] == pytest.approx(0.71)
+    assert v_bad["valid"] is False and v_bad["scratch_best"] == pytest.approx(0.80)
+    md = write_report(tmp_path / "res").read_text()
+    main = md.split("## Main table")[1].split("\n## ")[0]
+    ok_row = next(r for r in main.splitlines() if r.startswith("| ok "))
+    bad_row = next(r for r in main.splitlines() if r.startswith("| bad "))
+    assert "| valid |" in ok_row and "0.40" in ok_row
+    assert "INVALID" in bad_row and "0.40 (invalid)" in bad_row
+    assert "mean 0.40 over 1 task(s)" in md  # the invalid task is not averaged in
+    assert (tmp_path / "res" / "report" / "gains.png").stat().st_size > 1000
+    assert (tmp_path / "res" / "report" / "curves_ok.png").is_file()
+
+
+def test_perplexity_gain_is_sign_adjusted(tmp_path):
+    cs = []
+    for s in (0, 1):
+        cs += [cell("pmp", "protected", "dialog", "probe", "probe", s, 200.0, 200.0, lm=True),
+               cell("dense", "baseline", "dialog", "probe", "probe", s, 100.0, 100.0, lm=True),
+               cell("from_scratch", "scratch", "dialog", "probe", "probe", s, 900.0, 900.0, lm=True),
+               cell("pmp", "protected", "dialog", "full", "full", s, 200.0, 180.0, lm=True),
+               cell("dense", "baseline", "dialog", "full", "full", s, 100.0, 60.0, lm=True),
+               cell("from_scratch", "scratch", "dialog", "full", "full", s, 900.0, 80.0, lm=True)]
+    agg = M.aggregate(M.load_cells(write(tmp_path, cs)))
+    assert agg[("pmp", "dialog", "full")]["gain"]["mean"] == pytest.approx(20.0)  # 200 -> 180 is +20
+    assert agg[("dense", "dialog", "full")]["gain"]["mean"] == pytest.approx(40.0)
+    assert M.gain_ratio(agg, "pmp", "dense", "dialog", "full")["ratio"] == pytest.approx(0.5)
+    # lower perplexity is better: dense 60 beats scratch 80 -> valid (a naive '>' would say invalid)
+    assert M.validity(agg, M.roles(agg), "dialog")["valid"] is True
+    assert M.best_attack(agg, "from_scratch", "dialog")["after"]["mean"] == 80.0
+    assert M.signed_gain(10.0, 12.0, "lower") == -2.0 and M.signed_gain(10.0, 12.0, "higher") == 2.0
+    with pytest.raises(ValueError, match="direction"):
+        M.signed_gain(1, 2, "up")
+
+
+def test_roles_override_and_bad_results_dir(tmp_path):
+    agg = M.aggregate(M.load_cells(write(tmp_path, classification_cells())))
+    r = M.roles(agg, baseline="pmp", protected=["dense"])
+    assert r["pmp"] == "baseline" and r["dense"] == "protected"
+    with pytest.raises(ValueError, match="not a model in these results"):
+        M.roles(agg, baseline="llama")
+    with pytest.raises(FileNotFoundError):
+        M.load_cells(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no finished result cells"):
+        M.load_cells(tmp_path / "empty")
+    assert M.spread([3.0])["std"] == 0.0 and M.ratio(1.0, 0.0) is None
