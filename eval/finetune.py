@@ -18,6 +18,7 @@ import math
 import time
 
 import torch
+
 from pmp.eval.attacks import Attack, Budget
 from pmp.eval.probes import DIRECTION, METRIC, PreparedTask, TrainBatches, evaluate, features, head_names
 from pmp.train.schedule import lr_at

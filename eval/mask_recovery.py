@@ -137,8 +137,8 @@ def init_nll(release: Release, dist: dict[str, InitDist]) -> Scores:
     return out
 
 
-def init_mixture(release: Release, dist: dict[str, InitDist], iters: int = 40, sample: int = 50_000,
-                 seed: int = 0) -> Scores:
+def init_mixture(release: Release, dist: dict[str, InitDist], iters: int = 30, sample: int = 20_000,
+                 seed: int = 0, fits: dict | None = None) -> Scores:
     """Posterior P(trained | w) under a per-tensor two-component mixture: the KNOWN init Gaussian (complement)
     and a free Gaussian (trained entries) fitted by EM. Calibrated across tensors, unlike raw |w|."""
     out, g = {}, torch.Generator().manual_seed(seed)
@@ -158,9 +158,33 @@ def init_mixture(release: Release, dist: dict[str, InitDist], iters: int = 40, s
             pi = float(r.mean().clamp(1e-4, 1 - 1e-4))
             m1 = float((r * x).sum() / r.sum().clamp_min(1e-12))
             s1 = max(float(((r * (x - m1) ** 2).sum() / r.sum().clamp_min(1e-12)).sqrt()), 1e-3 * s0)
+        if fits is not None:
+            fits[n] = {"pi": pi, "mean": m1, "std": s1}
         s = _posterior(w.double(), m0, s0, pi, m1, s1).float()
         off = w != _rounded(d.const_value, release.storage_dtype)
         out[n] = torch.where(d.const_mask, off.float(), s)
+    return out
+
+
+def shadow_scores(release: Release, shadow_masks: dict[str, torch.Tensor], mixture: Scores,
+                  fits: dict[str, dict]) -> dict[str, Scores]:
+    """Attacks that use the attacker's OWN shadow PMP run (public code, public data, its own random init): its mask
+    is known to the attacker. `shadow_mask`: the shadow mask itself (same data -> same frequent-token rows, same
+    tensors favoured). `shadow_density`: the shadow mask's per-tensor density (which tensors the global top-rho
+    |gradient| rule favours is a property of the architecture and data). `shadow_prior+mixture`: the per-tensor
+    density as the prior of the `init_mixture` posterior: logit P = logit(shadow density) + log likelihood ratio."""
+    out: dict[str, Scores] = {"shadow_mask": {}, "shadow_density": {}, "shadow_prior+mixture": {}}
+    for n, w in release.weights.items():
+        m = shadow_masks.get(n)
+        if m is None or m.shape != w.shape:
+            continue
+        dens = float(m.float().mean())
+        out["shadow_mask"][n] = m.float()
+        out["shadow_density"][n] = torch.full_like(w, dens)
+        prior = min(max(dens, 1e-4), 1 - 1e-4)
+        post = mixture[n].double().clamp(1e-12, 1 - 1e-12)
+        llr = torch.logit(post) - math.log(fits[n]["pi"] / (1 - fits[n]["pi"])) if n in fits else torch.logit(post)
+        out["shadow_prior+mixture"][n] = torch.sigmoid(math.log(prior / (1 - prior)) + llr).float()
     return out
 
 
@@ -314,9 +338,17 @@ def _consumed(op: str, numel: int, dtype: torch.dtype, contiguous: bool) -> int 
     return None
 
 
+def _seed_rng(seed: int) -> None:
+    """Seed the global CPU RNG the way `build_model` does (a `pmp.model.seed_rng` hook if the model factory has
+    one, else `torch.manual_seed`); a mismatch is caught by `choose_fingerprint_method`'s validation."""
+    import pmp.model
+
+    getattr(pmp.model, "seed_rng", torch.manual_seed)(seed)
+
+
 def _fingerprint(trace: InitTrace, seed: int, bulk: bool) -> torch.Tensor:
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        _seed_rng(seed)
         skip = 0
         for op, shape, dtype, a, k, contig in trace.calls[:-1]:
             n = int(torch.Size(shape).numel())
@@ -385,7 +417,8 @@ def seed_guess(release: Release, max_seed: int = 1000, extra_seeds: list[int] | 
     truncated = torch.equal(fingerprint(5), fingerprint(5 + 2**32))  # measured, not assumed
     info = {"fingerprint_tensor": trace.name, "fingerprint_entries": int(trace.random.sum()), "method": trace.method,
             "notes": trace.notes, "public_seeds": public, "candidates": len(cands), "tried": 0,
-            "matched_seed": None, "seed_truncated_to_32_bits": truncated, "effective_seed_bits": 32 if truncated else 64,
+            "matched_seed": None, "seed_truncated_to_32_bits": truncated,
+            "effective_seed_bits": 32 if truncated else 64,
             "note": ("build_model(cfg, s) == build_model(cfg, s + 2^32) (torch.manual_seed keeps the low 32 bits on "
                      "CPU): a brute force needs at most 2^32 fingerprints, whatever the seed's size") if truncated
             else "seeds s and s + 2^32 give different inits"}
@@ -468,7 +501,8 @@ def load_attacker_texts(text_file: str = "", task: str = "", cache_dir: str = ""
         p = Path(text_file)
         if not p.is_file():
             raise FileNotFoundError(f"--text {p} does not exist")
-        return [p.read_text(errors="replace")], f"file {p}"
+        text = p.read_text(errors="replace")
+        return [text[i: i + 2000] for i in range(0, len(text), 2000)], f"file {p}"  # chunks: below max length
     from pmp.data.prepare import is_prepared
     from pmp.data.tasks import default_lm_probe, load_task
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from pmp.eval import metrics as M
-
 from pmp.atomic import atomic_file, write_text
+from pmp.eval import metrics as M
 
 
 def _f(x: float | None, nd: int = 3) -> str:

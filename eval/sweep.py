@@ -25,11 +25,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pmp.atomic import sha256_file, write_json
 from pmp.eval.attacks import Attack, Suite, fingerprint
 from pmp.eval.finetune import finetune, random_layouts
 from pmp.eval.probes import check_private_run, check_release, head_names, load_model, load_tokenizer, prepare_task
-
-from pmp.atomic import sha256_file, write_json
 
 SCRATCH = "from_scratch"
 
@@ -91,9 +90,8 @@ def resolve_models(models: dict[str, str], private: dict[str, str] | None = None
 def resolve_tasks(names: str = "default", cache_dir: str = "", task_file: str = "", text_column: str = "text",
                   label_column: str = "label", lm_file: str = "") -> list:
     """TaskData for: the default tasks ('default'), a comma list of registered tasks, plus user files."""
-    from pmp.eval.probes import lm_task_from_text
-
     from pmp.data.tasks import default_classification_tasks, default_lm_probe, list_tasks, load_task, load_task_file
+    from pmp.eval.probes import lm_task_from_text
 
     wanted: list[str] = []
     for n in [x.strip() for x in (names or "").split(",") if x.strip()]:
@@ -201,9 +199,10 @@ class Sweep:
 
     # ------------------------------------------------------------------------------------------ plan
     def plan(self) -> list[tuple[ModelSpec, object, Attack, int]]:
-        """Cells in run order: model -> task -> seed -> probe first, then the attacks."""
+        """Cells in run order: task -> seed -> model -> probe first, then the attacks. A partial sweep thus holds
+        complete comparisons (every model) for the tasks it has reached."""
         attacks = sorted(self.suite.attacks, key=lambda a: a.kind != "probe")
-        return [(m, t, a, s) for m in self.models for t in self.tasks for s in self.seeds for a in attacks
+        return [(m, t, a, s) for t in self.tasks for s in self.seeds for m in self.models for a in attacks
                 if applicable(m, a)]
 
     def inputs_sha(self, m: ModelSpec, task, attack: Attack, seed: int, prepared_sizes: dict | None = None) -> str:
@@ -241,7 +240,8 @@ class Sweep:
                 tqdm.write(f"[attack] {cid}: existing result is {why}; recomputing")
             key = (str(m.tokenizer_dir), task.name, seed)
             if key not in prepared:
-                prepared.clear()  # one (tokenizer, task, seed) at a time: the plan is ordered that way
+                if any(k[1:] != key[1:] for k in prepared):
+                    prepared.clear()  # one (task, seed) at a time, for every model: the plan is ordered that way
                 prepared[key] = prepare_task(task, load_tokenizer(m.tokenizer_dir), self.suite.budget(task.kind), seed)
             pt = prepared[key]
             probe_key = (m.name, task.name, seed)

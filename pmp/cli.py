@@ -70,6 +70,8 @@ def _audit_parser(sub) -> None:
     aud.add_argument("--max-seconds", type=float, default=600.0, help="time budget; seed guessing gets what is left")
     aud.add_argument("--max-seed", type=int, default=1000, help="seed guessing tries 0..N (+ public/common seeds)")
     aud.add_argument("--grad-batches", type=int, default=8, help="batches (8 x 128 tokens) for gradient attacks")
+    aud.add_argument("--shadow", default="", metavar="RUN", help="the attacker's own PMP run (same architecture and "
+                     "tokenizer, public data): enables the shadow-run attacks")
     aud.add_argument("--simulate-norm-jitter", type=float, default=0.0, metavar="SIGMA", help="also audit a what-if "
                      "copy whose norm weights start at 1 + N(0, SIGMA^2) (a proposed fix); 0 = off")
 
@@ -81,7 +83,8 @@ def cmd_audit(args) -> int:
         raise ValueError("--max-seconds must be > 0 and --max-seed, --grad-batches, --simulate-norm-jitter >= 0")
     run_audit(args.release, args.private, args.out or None, text_file=args.text, task=args.task,
               cache_dir=args.cache_dir, max_seconds=args.max_seconds, max_seed=args.max_seed,
-              grad_batches=args.grad_batches, simulate_norm_jitter=args.simulate_norm_jitter)
+              grad_batches=args.grad_batches, simulate_norm_jitter=args.simulate_norm_jitter,
+              shadow_dir=args.shadow or None)
     return 0
 
 

@@ -114,10 +114,17 @@ def test_sweep_resumes_skips_done_cells_and_redoes_corrupt_or_changed_ones(sweep
     again = Sweep(models, tasks, tiny_suite(), out, **quiet).run()
     assert again["run"] == 1
     assert json.loads(victim.read_text())["status"] == "done"
-    # a different budget for the LM task: exactly the LM cells are recomputed
+    # a cell computed from other inputs (another attack definition, budget, model or mask) is recomputed
+    other = out / "cells" / "pmp__heldout__lora_r8_1e-3_cos__s0.json"
+    rec = json.loads(other.read_text())
+    assert rec["inputs_sha"] == Sweep(models, tasks, tiny_suite(), out, **quiet).inputs_sha(
+        models[0], tasks[1], get_attack("lora_r8_1e-3_cos"), 0)
+    other.write_text(json.dumps({**rec, "inputs_sha": "0" * 16}))
+    again = Sweep(models, tasks, tiny_suite(), out, **quiet).run()
+    assert again["run"] == 1 and json.loads(other.read_text())["inputs_sha"] == rec["inputs_sha"]
     changed = tiny_suite(lm=dataclasses.replace(TINY_LM, steps=2))
-    again = Sweep(models, tasks, changed, out, **quiet).run()
-    assert again["run"] == 13 and again["skipped"] == 13
+    assert Sweep(models, tasks, changed, out, **quiet).inputs_sha(
+        models[0], tasks[1], get_attack("lora_r8_1e-3_cos"), 0) != rec["inputs_sha"]
 
 
 def _complement_check(model_before: dict, model_after: torch.nn.Module, layouts: dict) -> tuple[int, int]:
@@ -240,8 +247,9 @@ def test_cli_attack_then_report(runs, tmp_path):
                      f"lm: {json.dumps(dataclasses.asdict(TINY_LM))}\n")
     out = tmp_path / "res"
     code = main(["attack", "--models", f"pmp={runs['pmp'] / 'final'}", f"dense={runs['dense'] / 'final'}",
-                 "--suite", str(suite), "--tasks", "none", "--lm-file", str(runs["lm"]), "--out", str(out)])
-    assert code == 0 and len(list((out / "cells").glob("*.json"))) == 6
+                 "--suite", str(suite), "--tasks", "none", "--lm-file", str(runs["lm"]), "--no-scratch", "--out",
+                 str(out)])
+    assert code == 0 and len(list((out / "cells").glob("*.json"))) == 4
     assert main(["report", str(out)]) == 0
     md = (out / "report" / "report.md").read_text()
     assert "## Main table" in md and "heldout" in md and (out / "report" / "gains.png").stat().st_size > 1000
