@@ -424,7 +424,7 @@ def to_markdown(r: dict) -> str:
               f"- text: {gi.get('text')}; " + (f"skipped: {gi['skipped']}" if gi.get("skipped") else
                                                f"{gi.get('batches')} batches, {gi.get('tokens'):,} tokens, "
                                                f"{gi.get('seconds', 0):.1f}s")]
-    lines += ["", "## Init distribution (measured from builds at seeds 0 and 1)", "",
+    lines += ["", "## Init distribution (measured from builds at seeds 0, 1 and 2)", "",
               "| tensor type | kind | std of random entries | constants | constant entries |", "|---|---|---|---|---|"]
     for g, d in r["init_distribution"].items():
         lines.append(f"| {g} | {', '.join(d['kind'])} | {d['std'] or '-'} | {d['constants'] or '-'} | "

@@ -85,20 +85,22 @@ class InitDist:
         return bool(self.const_mask.all())
 
 
-def init_distribution(release: Release, seeds: tuple[int, int] = (0, 1),
+def init_distribution(release: Release, seeds: tuple[int, ...] = (0, 1, 2),
                       norm_jitter: float = 0.0) -> dict[str, InitDist]:
     """Per tensor: the entries that are constant at init, and mean/std of the rest (the empirical init check).
 
     `norm_jitter` > 0 is a what-if of a proposed fix: constant init entries get N(const, jitter^2) instead."""
     from pmp.model import build_model
 
-    a, b = (dict(build_model(release.config, s).named_parameters()) for s in seeds)
+    builds = [dict(build_model(release.config, s).named_parameters()) for s in seeds]
     out = {}
     for n, w in release.weights.items():
-        if n not in a or a[n].shape != w.shape:
+        if n not in builds[0] or builds[0][n].shape != w.shape:
             raise ValueError(f"release parameter {n} is not in the architecture built from {release.path}/config.json")
-        x, y = a[n].detach(), b[n].detach()
-        const = x == y
+        x = builds[0][n].detach()
+        const = torch.ones_like(x, dtype=torch.bool)  # equal at every seed (two seeds: ~1 chance tie per 10^7)
+        for b in builds[1:]:
+            const &= b[n].detach() == x
         rand = x[~const]
         mean, std = (float(rand.mean()), float(rand.std())) if rand.numel() > 1 else (0.0, 0.0)
         if norm_jitter > 0 and rand.numel() <= 1:  # the fix applies to all-constant tensors (norms, biases)

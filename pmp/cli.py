@@ -48,6 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(pre)
     pre.add_argument("--out", required=True, help="run directory to create (private: never publish it)")
     pre.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+
+    pipe = sub.add_parser("pipeline", help="the whole experiment: data, dense + PMP pre-training, export, attack "
+                          "suite, report, mask audit (resumable)", epilog=_fields_help(),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    _config_args(pipe)
+    pipe.add_argument("--out", required=True, help="experiment directory (runs/ inside are private)")
+    pipe.add_argument("--suite", default="quick", help="attack suite: quick | full | a suite YAML file")
+    pipe.add_argument("--tasks", default="default", help="attack tasks: default | comma list of registered tasks")
+    pipe.add_argument("--seeds", type=int, default=0, help="seeds per attack cell (0 = the suite's own)")
+    pipe.add_argument("--no-audit", action="store_true", help="skip the mask secrecy audit")
+    pipe.add_argument("--task-file", default="", help="also attack on this labelled csv/jsonl task")
+    pipe.add_argument("--text-column", default="text", help="text column of --task-file")
+    pipe.add_argument("--label-column", default="label", help="label column of --task-file")
+    pipe.add_argument("--lm-file", default="", help="also probe language modelling on this held-out text file")
     _release_parsers(sub)
     _attack_parsers(sub)
     _audit_parser(sub)
@@ -166,6 +180,17 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_pipeline(args) -> int:
+    from pmp.pipeline import run_pipeline
+
+    if args.seeds < 0:
+        raise ValueError(f"--seeds must be >= 0 (0 = the suite's own), got {args.seeds}")
+    run_pipeline(load_config(args.config, args.overrides), args.out, suite=args.suite, tasks=args.tasks,
+                 seeds=args.seeds, audit=not args.no_audit, task_file=args.task_file, text_column=args.text_column,
+                 label_column=args.label_column, lm_file=args.lm_file)
+    return 0
+
+
 def cmd_data_prepare(args) -> int:
     from pmp.data.prepare import prepare
 
@@ -224,7 +249,8 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-COMMANDS = {("data", "prepare"): cmd_data_prepare, ("pretrain", None): cmd_pretrain}
+COMMANDS = {("data", "prepare"): cmd_data_prepare, ("pretrain", None): cmd_pretrain,
+            ("pipeline", None): cmd_pipeline}
 COMMANDS.update({("export", None): cmd_export, ("verify-release", None): cmd_verify_release,
                  ("prove-ownership", None): cmd_prove_ownership})
 COMMANDS.update({("attack", None): cmd_attack, ("report", None): cmd_report})

@@ -1,0 +1,107 @@
+"""The whole experiment in one call: the README's main job.
+
+prepare data -> pre-train a dense baseline and a PMP model on the same batches and budget -> export both as
+public releases -> attack both (and a from-scratch model) with a fine-tuning suite -> report -> audit the PMP
+release's mask secrecy. Every stage is resumable: a finished stage is skipped on a second call, so an
+interrupted pipeline continues where it stopped.
+
+OUT/
+  runs/{dense,pmp}/       private run directories (never publish)
+  releases/{dense,pmp}/   public releases
+  attack/                 one results JSON per (model, task, attack, seed) cell
+  report/                 report.md + PNG plots
+  audit/                  audit.md / audit.json (mask recovery against the true mask)
+  summary.md              what happened, with pointers
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from pmp.atomic import write_text
+from pmp.config import RunConfig
+
+_T0 = [time.perf_counter()]
+
+
+def _stage(name: str) -> None:
+    print(f"\n[pipeline] ==== {name} ==== (at {time.perf_counter() - _T0[0]:.0f} s)", flush=True)
+
+
+def pretrain_if_needed(cfg: RunConfig, out: Path) -> Path:
+    from pmp.train.run_dir import RunDir
+    from pmp.train.trainer import pretrain
+
+    run = RunDir(out)
+    if run.is_run():
+        status = run.read_status()
+        if status.get("status") == "finished":
+            print(f"[pipeline] {out} already finished; skipping")
+            return out
+        return pretrain(cfg, out, resume=True).root
+    return pretrain(cfg, out).root
+
+
+def run_pipeline(cfg: RunConfig, out: str | Path, suite: str = "quick", tasks: str = "default",
+                 seeds: int = 0, audit: bool = True, task_file: str = "", text_column: str = "text",
+                 label_column: str = "label", lm_file: str = "") -> Path:
+    from pmp.data.prepare import prepare
+    from pmp.eval.attacks import get_suite
+    from pmp.eval.report import write_report
+    from pmp.eval.sweep import Sweep, resolve_models, resolve_tasks
+    from pmp.release import export_release
+    from pmp.train.run_dir import RunDir
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    suite_obj = get_suite(suite)  # fail on a bad suite name before hours of training
+    t0 = _T0[0] = time.perf_counter()
+    if cfg.data.corpus == "default" or tasks == "default":
+        _stage("data")
+        prepare(cfg.data.cache_dir)
+
+    runs, releases = {}, {}
+    for method in ("dense", "pmp"):
+        _stage(f"pre-train ({method})")
+        runs[method] = pretrain_if_needed(replace(cfg, train=replace(cfg.train, method=method)),
+                                          out / "runs" / method)
+    for method in ("dense", "pmp"):
+        _stage(f"export ({method})")
+        target = out / "releases" / method
+        if (target / "config.json").is_file():
+            print(f"[pipeline] {target} exists; skipping")
+        else:
+            export_release(runs[method], target)
+        releases[method] = target
+
+    _stage(f"attack (suite {suite})")
+    models = resolve_models({"pmp": str(releases["pmp"]), "dense": str(releases["dense"])},
+                            {"pmp": str(runs["pmp"])}, "dense")
+    task_list = resolve_tasks(tasks, cfg.data.cache_dir, task_file, text_column, label_column, lm_file)
+    Sweep(models, task_list, suite_obj, out / "attack", seeds=seeds).run()
+    _stage("report")
+    report = write_report(out / "attack", out / "report", "dense", ["pmp"])
+
+    audit_md = None
+    if audit:
+        from pmp.eval.audit import run_audit
+
+        _stage("mask secrecy audit")
+        run_audit(releases["pmp"], runs["pmp"], out / "audit", cache_dir=cfg.data.cache_dir, text_file=lm_file)
+        audit_md = out / "audit" / "audit.md"
+
+    st = {m: RunDir(runs[m]).read_status() for m in runs}
+    lines = [
+        "# pmp pipeline summary", "",
+        f"- wall time: {(time.perf_counter() - t0) / 60:.1f} min (this call; finished stages were skipped)",
+        *(f"- {m}: held-out perplexity {st[m].get('final_val_ppl', float('nan')):.2f} "
+          f"(private run {runs[m]}, release {releases[m]})" for m in ("dense", "pmp")),
+        f"- attack report: {report}",
+        *([f"- mask secrecy audit: {audit_md}"] if audit_md else []),
+    ]
+    write_text(out / "summary.md", "\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines[2:]))
+    print(f"\n[pipeline] done: read {report}")
+    return out

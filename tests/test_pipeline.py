@@ -1,0 +1,49 @@
+"""The README's main job, end to end on tiny inputs: pre-train dense + PMP, export, attack, report, audit."""
+
+import json
+
+from corpus_fixture import generate_text, write_corpus
+
+from pmp.cli import main
+
+
+def test_pipeline_end_to_end_and_resumes(tmp_path, capsys):
+    files = write_corpus(tmp_path)
+    rows = []
+    for i in range(60):
+        s = generate_text(60, seed=300 + i).split(".")[0]
+        rows.append({"text": s, "label": int("ship" in s or "storm" in s)})
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lm = tmp_path / "heldout.txt"
+    lm.write_text(generate_text(15000, seed=99))
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("name: tiny\nseeds: 1\nattacks: [probe, full_adamw_3e-4_cos, authorized_1e-3_cos]\n"
+                     "classification: {steps: 4, batch_size: 4, max_len: 16, max_train: 24, max_val: 8, "
+                     "max_test: 12, eval_every: 2}\n"
+                     "lm: {steps: 4, batch_size: 2, max_len: 16, max_train: 12, max_val: 3, max_test: 3, "
+                     "eval_every: 2}\n")
+    sets = {"data.corpus": files, "data.cache_dir": str(tmp_path / "cache"), "data.seq_len": 32,
+            "data.val_fraction": 0.1, "tokenizer.vocab_size": 320, "model.preset": "tiny", "model.hidden_size": 32,
+            "model.intermediate_size": 64, "train.steps": 20, "train.batch_size": 4, "train.warmup_steps": 2,
+            "train.eval_every": 0, "train.eval_batches": 2, "train.ckpt_every": 0, "train.progress": False,
+            "pmp.min_warmup_steps": 5, "pmp.max_warmup_steps": 5}
+    args = ["pipeline", "--out", str(tmp_path / "exp"), "--suite", str(suite), "--tasks", "none",
+            "--task-file", str(task), "--lm-file", str(lm)]
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    assert main(args) == 0
+    exp = tmp_path / "exp"
+    for path in ("runs/dense/final/config.json", "runs/pmp/private/mask.json", "releases/pmp/config.json",
+                 "releases/dense/README.md", "report/report.md", "audit/audit.md", "summary.md"):
+        assert (exp / path).is_file(), path
+    cells = list((exp / "attack" / "cells").glob("*.json"))
+    assert any("pmp__" in c.name and "authorized" in c.name for c in cells)
+    assert not (exp / "releases" / "pmp" / "mask.json").exists()
+    summary = (exp / "summary.md").read_text()
+    assert "held-out perplexity" in summary and "report.md" in summary
+    capsys.readouterr()
+    # a second call skips every finished stage
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("already finished; skipping") == 2 and out.count("exists; skipping") == 2
