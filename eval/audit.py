@@ -277,9 +277,13 @@ def run_audit(release_dir: str | Path, private_dir: str | Path, out: str | Path 
     log(f"[audit] seed guessing: {seed_info['tried']} seeds in {seed_info['seconds']:.1f}s, matched "
         f"{seed_info['matched_seed']}")
 
-    results = {}
+    results, not_applicable = {}, {}
     for name, (scores, meta) in attacks.items():
-        results[name] = {**meta, "metrics": evaluate(scores, sample)}
+        metrics = evaluate(scores, sample)
+        if "global" not in metrics:  # e.g. the norm tell when norms are outside the mask's scope
+            not_applicable[name] = "has no opinion on any entry of the masked scope"
+            continue
+        results[name] = {**meta, "metrics": metrics}
     full = [n for n, r in results.items() if r["family"] != "control"
             and abs(r["metrics"]["global"]["coverage"] - 1.0) < 1e-9]
     best = max(full, key=lambda n: results[n]["metrics"]["global"]["auroc"])
@@ -312,7 +316,8 @@ def run_audit(release_dir: str | Path, private_dir: str | Path, out: str | Path 
         "subsampled": sample.size < sample.total, "max_seconds": max_seconds,
         "init_distribution": _dist_summary(dist), "gradient": grad_info, "seed_guess": seed_info,
         "shadow": shadow_info,
-        "attacks": results, "best_attack": best, "best_global": results[best]["metrics"]["global"],
+        "attacks": results, "not_applicable": not_applicable, "best_attack": best,
+        "best_global": results[best]["metrics"]["global"],
         "recovered_mask": recovered, "what_if": what_if, "wall_seconds": time.perf_counter() - t_start,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -377,6 +382,8 @@ def to_markdown(r: dict) -> str:
         lift = m["precision_at_rho"] / m["rho"] if m["rho"] else float("nan")
         lines.append(f"| {name} | {a['family']} | {m['coverage']:.3f} | {_f(m['auroc'], 4)} | "
                      f"{_f(m['precision_at_rho'], 4)} | {_f(lift, 2)} | {a['seconds']:.1f} |")
+    for name, why in r.get("not_applicable", {}).items():
+        lines.append(f"| {name} | not applicable | 0 | - | - | - | - |  <!-- {why} -->")
     groups = [g for g in GROUPS if any(g in a["metrics"] for a in r["attacks"].values())]
     lines += ["", "## Per tensor type: AUROC / precision@rho (rho of the type in brackets)", "",
               "| attack | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]

@@ -12,7 +12,8 @@ Why the release can betray the mask: PMP keeps the complement bit-exactly at its
     trained entries drifted away from it (`magnitude`, `zscore`, `init_nll`, `init_mixture`);
   - trained entries sit near a stationary point of the training loss, untrained ones do not (`grad*`, `fisher`);
   - whoever regenerates the initial weights compares exactly (`seed_guess`). `torch.manual_seed` keeps only the
-    low 32 bits of a seed (on CPU), so the 63-bit secret seed of `pmp.model.draw_init_seed` has 2^32 values.
+    low 32 bits of a seed (on CPU); `pmp.model.seed_rng` now fills the whole generator state from the 128-bit
+    seed, and the audit measures whether s and s + 2^32 still collide.
 
 Seed guessing is fast because only a fingerprint is regenerated per seed: the first initial-weight draw that
 survives into the model, after skipping the random numbers the model's construction consumed. The draw sequence
@@ -29,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+import pmp.model
 
 Scores = dict[str, torch.Tensor]
 FINGERPRINT_LEN = 4096  # entries of the fingerprint tensor compared per seed (a multiple of 16: see _consumed)
@@ -420,7 +423,7 @@ def seed_guess(release: Release, max_seed: int = 1000, extra_seeds: list[int] | 
     info = {"fingerprint_tensor": trace.name, "fingerprint_entries": int(trace.random.sum()), "method": trace.method,
             "notes": trace.notes, "public_seeds": public, "candidates": len(cands), "tried": 0,
             "matched_seed": None, "seed_truncated_to_32_bits": truncated,
-            "effective_seed_bits": 32 if truncated else 64,
+            "effective_seed_bits": 32 if truncated else pmp.model.SEED_BITS,
             "note": ("build_model(cfg, s) == build_model(cfg, s + 2^32) (torch.manual_seed keeps the low 32 bits on "
                      "CPU): a brute force needs at most 2^32 fingerprints, whatever the seed's size") if truncated
             else "seeds s and s + 2^32 give different inits"}
@@ -443,7 +446,7 @@ def seed_guess(release: Release, max_seed: int = 1000, extra_seeds: list[int] | 
     dt = time.perf_counter() - t_loop
     info["seeds_per_second"] = info["tried"] / dt if dt > 0 and info["tried"] else None
     if info["seeds_per_second"]:
-        space = 2**32 if truncated else 2**63
+        space = 2**32 if truncated else 2**pmp.model.SEED_BITS
         info["cpu_days_for_whole_seed_space_at_this_rate"] = space / info["seeds_per_second"] / 86400
     if info["matched_seed"] is None:
         return None, info

@@ -99,8 +99,12 @@ class PMPConfig:
         "raw |grad| scales differ per tensor, and global selection gave attention q/k ~0 % density on our runs)",
         "per_tensor",
     )
-    scope: str = doc("which parameters get a mask: all (embeddings, norms, lm_head too) | linear (2-D linear only)",
-                     "all")
+    scope: str = doc(
+        "which parameters get a mask: matrices (every >= 2-D tensor: embeddings, linear, lm_head; norms and biases "
+        "train densely) | all (norms too, the paper's choice: frozen norm entries stay exactly 1.0, which reveals "
+        "the mask on norms) | linear (2-D nn.Linear weights only)",
+        "matrices",
+    )
     block_size: int = doc("0 = unstructured mask; 64 or 128 = block mask on 2-D linear weights", 0)
     ema_beta: float = doc("exponential smoothing of scores across warm-up steps (0 = raw per-step scores)", 0.98)
     iou_threshold: float = doc("mask is stable when IoU of consecutive masks >= this ...", 0.99)
@@ -153,7 +157,8 @@ class RunConfig:
         _check(p.scorer in SCORERS, "pmp.scorer must be one of {}, got {!r}", SCORERS, p.scorer)
         _check(p.selection in ("global", "per_tensor"), "pmp.selection must be global or per_tensor, got {!r}",
                p.selection)
-        _check(p.scope in ("all", "linear"), "pmp.scope must be all or linear, got {!r}", p.scope)
+        _check(p.scope in ("matrices", "all", "linear"), "pmp.scope must be matrices, all or linear, got {!r}",
+               p.scope)
         _check(p.block_size in (0, 64, 128), "pmp.block_size must be 0, 64 or 128, got {}", p.block_size)
         _check(0 <= p.ema_beta < 1, "pmp.ema_beta must be in [0, 1), got {}", p.ema_beta)
         _check(0 < p.iou_threshold <= 1, "pmp.iou_threshold must be in (0, 1], got {}", p.iou_threshold)

@@ -304,7 +304,8 @@ def _private_scans(report: VerifyReport, release: Path, run_root: Path) -> None:
         else:
             report.add("no init seed in any file", _find_literals(files, {"init seed": [
                 str(seed).encode(), f"{seed:x}".encode(), f"{seed:X}".encode(),
-                seed.to_bytes(8, "little", signed=True), seed.to_bytes(8, "big", signed=True)]}))
+                *(seed.to_bytes(n, order) for n in (8, 16) if seed < 2 ** (8 * n - 1) for order in ("little", "big"))
+            ]}))
     commit = private / "commitment.json"
     if commit.is_file():
         salt = json.loads(commit.read_text())["salt"]

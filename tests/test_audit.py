@@ -22,7 +22,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 @pytest.fixture(scope="session")
 def pinned(tmp_path_factory):
-    """A tiny PMP run whose init seed is pinned to 0: its release keeps a seed-0 complement (a planted leak)."""
+    """A tiny PMP run whose init seed is pinned to 0: its release keeps a seed-0 complement (a planted leak).
+    scope=all puts the norms under the mask too, so the norm tell (frozen entries exactly at 1.0) is planted."""
     d = tmp_path_factory.mktemp("audit")
     files = write_corpus(d)
     ov = {"data.corpus": files, "data.cache_dir": str(d / "cache"), "data.seq_len": 32, "data.val_fraction": 0.1,
@@ -30,7 +31,7 @@ def pinned(tmp_path_factory):
           "model.intermediate_size": 64, "model.init_seed": 0, "train.steps": 30, "train.batch_size": 4,
           "train.warmup_steps": 3, "train.eval_every": 0, "train.eval_batches": 2, "train.log_every": 5,
           "train.ckpt_every": 0, "train.progress": False, "train.threads": 1, "pmp.min_warmup_steps": 10,
-          "pmp.max_warmup_steps": 10, "pmp.density": 0.5}
+          "pmp.max_warmup_steps": 10, "pmp.density": 0.5, "pmp.scope": "all"}
     with pytest.warns(UserWarning, match="pinned"):
         pretrain(load_config(None, [f"{k}={v}" for k, v in ov.items()]), d / "run")
     return d, d / "run", files.split(",")[0]
@@ -90,7 +91,8 @@ def test_planted_seed_leak_is_found(pinned, capsys):
                  "--max-seed", "5", "--grad-batches", "2", "--max-seconds", "120"]) == 0
     rep = json.loads((out / "audit.json").read_text())
     sg = rep["seed_guess"]
-    assert sg["matched_seed"] == 0 and sg["method"] == "bulk skip" and sg["seed_truncated_to_32_bits"]
+    assert sg["matched_seed"] == 0 and sg["method"] == "bulk skip"
+    assert not sg["seed_truncated_to_32_bits"]  # pmp.model.seed_rng uses every bit of the seed
     assert rep["attacks"]["seed_guess"]["metrics"]["global"]["auroc"] > 0.99
     assert rep["best_attack"] == "seed_guess"
     assert rep["recovered_mask"]["precision"] > 0.99

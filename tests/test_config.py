@@ -44,7 +44,7 @@ def test_wrong_types(override, match):
     ("pmp.density=0", r"pmp.density \(rho\) must be in \(0, 1\]"),
     ("pmp.density=1.5", r"pmp.density \(rho\) must be in \(0, 1\]"),
     ("pmp.scorer=magic", "pmp.scorer must be one of"),
-    ("pmp.scope=some", "pmp.scope must be all or linear"),
+    ("pmp.scope=some", "pmp.scope must be matrices, all or linear"),
     ("pmp.selection=local", "pmp.selection must be global or per_tensor"),
     ("model.preset=huge", "model.preset must be one of"),
     ("train.method=lora", "train.method must be pmp or dense"),

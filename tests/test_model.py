@@ -43,6 +43,22 @@ def test_same_seed_same_weights_and_global_rng_untouched():
 
 def test_init_seed_from_os_entropy_unless_pinned():
     seeds = {draw_init_seed(None) for _ in range(20)}
-    assert len(seeds) == 20 and all(0 <= s < 2**63 for s in seeds)
+    assert len(seeds) == 20 and all(0 <= s < 2**128 for s in seeds) and max(seeds) > 2**64
     with pytest.warns(PinnedSeedWarning, match="read the private mask"):
         assert draw_init_seed(1234) == 1234
+
+
+def test_seed_uses_all_bits_not_just_32():
+    """torch.manual_seed keeps the low 32 bits on CPU; our init must differ for s and s + 2**32 (and s + 2**100)."""
+    cfg = hf_config(ModelConfig(preset="tiny", hidden_size=32, intermediate_size=64), 300, 0, 0)
+    w = {s: build_model(cfg, s).model.embed_tokens.weight for s in (5, 5 + 2**32, 5 + 2**100)}
+    assert not torch.equal(w[5], w[5 + 2**32]) and not torch.equal(w[5], w[5 + 2**100])
+    assert torch.equal(w[5], build_model(cfg, 5).model.embed_tokens.weight)
+    assert abs(float(w[5].std()) - 0.02) < 0.002  # still the architecture's init distribution
+
+
+def test_no_zeroed_embedding_row():
+    """A pad row zeroed at init would sit exactly at 0.0 in the complement: a structural tell."""
+    cfg = hf_config(ModelConfig(preset="tiny", hidden_size=32, intermediate_size=64), 300, 0, 0)
+    emb = build_model(cfg, 3).model.embed_tokens.weight
+    assert not (emb == 0).all(dim=1).any()

@@ -74,6 +74,10 @@ def test_pmp_run_freezes_complement_exactly(corpus, tmp_path):
         assert torch.equal(final[name][~m], init[name][~m]), f"complement of {name} moved"
         changed += int((final[name] != init[name]).sum())
     assert 0 < changed <= mask.nnz
+    # default scope "matrices": norms are outside the mask and train densely, so none stays exactly at 1.0
+    norms = [n for n in final if "norm" in n]
+    assert norms and not any(n in mask.layouts for n in norms)
+    assert all(not (final[n] == 1.0).any() for n in norms)
     rows = read_metrics(run.root)
     ious = [r["iou"] for r in rows if "iou" in r]
     assert len(ious) == 15

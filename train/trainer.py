@@ -47,9 +47,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def masked_scope(model: torch.nn.Module, scope: str) -> list[str]:
-    """Names of the parameters that get a mask: all of them, or only 2-D nn.Linear weights."""
+    """Names of the parameters that get a mask: all of them, every >= 2-D tensor, or only 2-D nn.Linear weights.
+    Parameters outside the scope train densely in the masked phase."""
     if scope == "all":
         return [n for n, _ in model.named_parameters()]
+    if scope == "matrices":
+        return [n for n, p in model.named_parameters() if p.dim() >= 2]
     linear = {f"{mn}.weight" for mn, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     return [n for n, p in model.named_parameters() if n in linear and p.dim() == 2]
 
