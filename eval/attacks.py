@@ -15,6 +15,9 @@ Kinds (the new classification head is always trainable; it is random at the star
   random_mask  only the entries of a RANDOM mask with the density of the PMP mask (an attacker's guess) + head
   authorized   only the entries of the REAL private mask (the owner's mask-aware fine-tuning) + head; PMP models
                given with --private only
+  recovered_mask  only the entries of a mask an attacker RECOVERED from the release (`pmp audit` writes the best
+               one to AUDIT/recovered_mask) + head; models given with --recovered only. Recover-then-fine-tune:
+               does a recovered mask buy the attacker the owner's (authorized) gains?
 The `from_scratch` reference is not an attack but a model (same architecture, random init) that runs every
 attack with `scratch: true` at the same budget.
 
@@ -31,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-KINDS = ("probe", "full", "lora", "norm_bias", "random_mask", "authorized")
+KINDS = ("probe", "full", "lora", "norm_bias", "random_mask", "authorized", "recovered_mask")
 OPTIMIZERS = ("adamw", "adam", "sgd", "adagrad")
 SCHEDULES = ("constant", "cosine")
 
@@ -185,12 +188,12 @@ for _lr in (1e-4, 1e-3, 3e-3):
 register(Attack("lora_r32_1e-3_cos", "lora", lr=1e-3, lora_r=32, lora_alpha=32))
 for _lr in (1e-4, 1e-3, 1e-2):
     register(Attack(f"norm_bias_{_lr_tag(_lr)}_cos", "norm_bias", lr=_lr))
-for _kind in ("random_mask", "authorized"):
+for _kind in ("random_mask", "authorized", "recovered_mask"):
     for _lr in (1e-4, 3e-4, 1e-3):
         register(Attack(f"{_kind}_{_lr_tag(_lr)}_cos", _kind, lr=_lr, weight_decay=0.01))
 
 QUICK = ("probe", "full_adamw_3e-4_cos", "full_sgd_1e-2_const", "lora_r8_1e-3_cos", "norm_bias_1e-3_cos",
-         "random_mask_1e-3_cos", "authorized_1e-3_cos")
+         "random_mask_1e-3_cos", "authorized_1e-3_cos", "recovered_mask_1e-3_cos")
 SUITES: dict[str, Suite] = {
     "quick": Suite("quick", tuple(get_attack(n) for n in QUICK), description=(
         "one attack of every kind (two full fine-tunes: AdamW+cosine and SGD+constant), 2 seeds, capped data")),

@@ -76,7 +76,7 @@ class _Trainables:
                              lora_dropout=0.0, modules_to_save=sorted({h.split(".")[0] for h in heads}) or None,
                              task_type="CAUSAL_LM" if task_kind == "lm" else "SEQ_CLS")
             self.model = get_peft_model(model, cfg)
-        elif kind in ("random_mask", "authorized"):
+        elif kind in ("random_mask", "authorized", "recovered_mask"):
             from pmp.masked_state import MaskedModel
 
             if not mask_layouts:
@@ -87,16 +87,19 @@ class _Trainables:
                 p.requires_grad_(n in heads)
             self.snapshot = {n: named[n].detach().clone() for n in layouts}
             self.masked = MaskedModel(model, layouts)
-            for n, p in named.items():  # MaskedModel leaves unmasked params as they were: frozen unless head
+            # Parameters the mask does not cover (e.g. norms under scope=matrices) trained densely in pre-training,
+            # so mask-aware fine-tuning trains them densely too; with a mask over every parameter none are left.
+            self.uncovered = [n for n in named if n not in layouts and n not in heads]
+            for n, p in named.items():
                 if n not in layouts:
-                    p.requires_grad_(n in heads)
+                    p.requires_grad_(True)
         else:
             for n, p in model.named_parameters():
                 p.requires_grad_(kind == "full" or n in heads or (kind == "norm_bias" and p.dim() < 2))
         if self.masked is not None:
             decay = [t.compact for t in self.masked.tensors if t.dense.dim() >= 2]
             no_decay = [t.compact for t in self.masked.tensors if t.dense.dim() < 2]
-            extra = [p for n, p in model.named_parameters() if n in heads]
+            extra = [p for n, p in model.named_parameters() if n in heads or n in self.uncovered]
             decay += [p for p in extra if p.dim() >= 2]
             no_decay += [p for p in extra if p.dim() < 2]
             self.n_trainable = self.masked.masked_count() + sum(p.numel() for p in extra)

@@ -40,6 +40,7 @@ class ModelSpec:
     role: str  # protected | baseline | scratch | other
     private: Path | None = None
     config_from: Path | None = None  # from_scratch: the release whose config.json gives the architecture
+    recovered: Path | None = None  # a mask recovered from the release by an attacker (`pmp audit`)
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -61,14 +62,15 @@ def parse_pairs(items: list[str], what: str) -> dict[str, str]:
 
 
 def resolve_models(models: dict[str, str], private: dict[str, str] | None = None, baseline: str = "",
-                   scratch: bool = True) -> list[ModelSpec]:
-    """Check every input (releases load, private runs are runs) and assign roles."""
-    private = private or {}
+                   scratch: bool = True, recovered: dict[str, str] | None = None) -> list[ModelSpec]:
+    """Check every input (releases load, private runs are runs, recovered masks load) and assign roles."""
+    private, recovered = private or {}, recovered or {}
     if not models:
         raise ValueError("no models: pass --models NAME=PATH [NAME=PATH ...]")
-    unknown = sorted(set(private) - set(models))
-    if unknown:
-        raise ValueError(f"--private names {unknown} that are not in --models ({', '.join(models)})")
+    for flag, given in (("--private", private), ("--recovered", recovered)):
+        unknown = sorted(set(given) - set(models))
+        if unknown:
+            raise ValueError(f"{flag} names {unknown} that are not in --models ({', '.join(models)})")
     if baseline and baseline not in models:
         raise ValueError(f"--baseline {baseline!r} is not one of the models: {', '.join(models)}")
     if not baseline:
@@ -80,7 +82,13 @@ def resolve_models(models: dict[str, str], private: dict[str, str] | None = None
         priv = check_private_run(private[name]) if name in private else None
         role = ("baseline" if name == baseline else
                 "protected" if priv is not None or name.startswith("pmp") else "other")
-        specs.append(ModelSpec(name, rel, role, priv))
+        rec = None
+        if name in recovered:
+            from pmp.eval.mask_recovery import recovered_mask_sparse_attack_inputs
+
+            rec = Path(recovered[name])
+            recovered_mask_sparse_attack_inputs(rec, rel)  # loads and checks it against the release
+        specs.append(ModelSpec(name, rel, role, priv, recovered=rec))
     if scratch:
         ref = next((s for s in specs if s.role == "baseline"), specs[0])
         specs.append(ModelSpec(SCRATCH, None, "scratch", config_from=ref.path))
@@ -167,6 +175,8 @@ def applicable(spec: ModelSpec, attack: Attack) -> bool:
         return attack.kind == "probe" or attack.scratch
     if attack.kind == "authorized":
         return spec.private is not None
+    if attack.kind == "recovered_mask":
+        return spec.recovered is not None
     return True
 
 
@@ -183,6 +193,12 @@ class Sweep:
                 from pmp.mask import PrivateMask
 
                 self.masks[m.name] = PrivateMask.load(m.private / "private")
+        self.recovered = {}  # model name -> PrivateMask recovered by an attacker
+        for m in models:
+            if m.recovered is not None:
+                from pmp.mask import PrivateMask
+
+                self.recovered[m.name] = PrivateMask.load(m.recovered)
         dens = sorted({round(mk.density(), 6) for mk in self.masks.values()})
         if mask_density:
             if not 0 < mask_density <= 1:
@@ -207,7 +223,8 @@ class Sweep:
 
     def inputs_sha(self, m: ModelSpec, task, attack: Attack, seed: int, prepared_sizes: dict | None = None) -> str:
         budget = self.suite.budget(task.kind)
-        mask = self.masks[m.name].fingerprint() if attack.kind == "authorized" else ""
+        mask = (self.masks[m.name].fingerprint() if attack.kind == "authorized" else
+                self.recovered[m.name].fingerprint() if attack.kind == "recovered_mask" else "")
         dens = self.density if attack.kind == "random_mask" else None
         return fingerprint({"attack": attack.to_dict(), "budget": budget.to_dict(), "seed": seed, "task": task.name,
                             "task_sizes": [len(task.train), len(task.test)], "model": self._model_sha[m.name],
@@ -269,6 +286,16 @@ class Sweep:
             layouts = mask.layouts
             mask_info = {"source": "private", "density": mask.density(), "sha256": mask.fingerprint()}
             _check_mask_belongs(model, mask, m)
+        elif attack.kind == "recovered_mask":
+            rec = self.recovered[m.name]
+            layouts = rec.layouts
+            mask_info = {"source": "recovered", "path": str(m.recovered), "density": rec.density(),
+                         "sha256": rec.fingerprint(), "attack": rec.meta.get("attack")}
+            if m.name in self.masks:  # the owner can say how much of the true mask the attacker found
+                truth = self.masks[m.name]
+                tp = sum(int((rec.layouts[n].to_bool() & truth.layouts[n].to_bool()).sum())
+                         for n in rec.layouts if n in truth.layouts)
+                mask_info["precision_vs_true_mask"] = tp / max(rec.nnz, 1)
         elif attack.kind == "random_mask":
             layouts = random_layouts(model, self.density, seed, head_names(model, task.kind))
             mask_info = {"source": "random", "density": self.density, "density_source": self.density_source}

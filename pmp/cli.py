@@ -135,7 +135,9 @@ def _attack_parsers(sub) -> None:
                      "roles")
     atk.add_argument("--private", nargs="*", default=[], metavar="NAME=RUN", help="the owner's private run dir of a "
                      "PMP model: enables authorized (mask-aware) fine-tuning and gives the random-mask density")
-    atk.add_argument("--suite", default="quick", help="quick | full | a YAML suite file (configs/attack_*.yaml)")
+    atk.add_argument("--recovered", nargs="*", default=[], metavar="NAME=DIR", help="a mask an attacker recovered "
+                     "from the release (`pmp audit` writes AUDIT/recovered_mask): enables recovered_mask attacks")
+    atk.add_argument("--suite", default="quick", help="quick | full | a YAML suite file")
     atk.add_argument("--tasks", default="default", help="default (all default tasks + LM probe) | none | t1,t2,...")
     atk.add_argument("--task-file", default="", help="your labelled csv/jsonl/parquet classification task")
     atk.add_argument("--text-column", default="text", help="text column of --task-file")
@@ -164,7 +166,8 @@ def cmd_attack(args) -> int:
     if args.seeds < 0:
         raise ValueError(f"--seeds must be >= 1 (or 0 for the suite's {suite.seeds}), got {args.seeds}")
     models = resolve_models(parse_pairs(args.models, "--models"), parse_pairs(args.private, "--private"),
-                            args.baseline, scratch=not args.no_scratch)
+                            args.baseline, scratch=not args.no_scratch,
+                            recovered=parse_pairs(args.recovered, "--recovered"))
     tasks = resolve_tasks(args.tasks, args.cache_dir, args.task_file, args.text_column, args.label_column,
                           args.lm_file)
     Sweep(models, tasks, suite, args.out, seeds=args.seeds, mask_density=args.mask_density).run()

@@ -1,9 +1,10 @@
 """The whole experiment in one call: the README's main job.
 
 prepare data -> pre-train a dense baseline and a PMP model on the same batches and budget -> export both as
-public releases -> attack both (and a from-scratch model) with a fine-tuning suite -> report -> audit the PMP
-release's mask secrecy. Every stage is resumable: a finished stage is skipped on a second call, so an
-interrupted pipeline continues where it stopped.
+public releases -> audit the PMP release's mask secrecy (mask-recovery attacks) -> attack both (and a
+from-scratch model) with a fine-tuning suite, including fine-tuning on the audit's recovered mask -> report.
+Every stage is resumable: a finished stage is skipped on a second call, so an interrupted pipeline continues
+where it stopped.
 
 OUT/
   runs/{dense,pmp}/       private run directories (never publish)
@@ -76,21 +77,26 @@ def run_pipeline(cfg: RunConfig, out: str | Path, suite: str = "quick", tasks: s
             export_release(runs[method], target)
         releases[method] = target
 
-    _stage(f"attack (suite {suite})")
-    models = resolve_models({"pmp": str(releases["pmp"]), "dense": str(releases["dense"])},
-                            {"pmp": str(runs["pmp"])}, "dense")
-    task_list = resolve_tasks(tasks, cfg.data.cache_dir, task_file, text_column, label_column, lm_file)
-    Sweep(models, task_list, suite_obj, out / "attack", seeds=seeds).run()
-    _stage("report")
-    report = write_report(out / "attack", out / "report", "dense", ["pmp"])
-
-    audit_md = None
+    # The audit comes first: its best recovered mask feeds the attack suite (recover-then-fine-tune).
+    audit_md, recovered = None, {}
     if audit:
         from pmp.eval.audit import run_audit
 
         _stage("mask secrecy audit")
-        run_audit(releases["pmp"], runs["pmp"], out / "audit", cache_dir=cfg.data.cache_dir, text_file=lm_file)
         audit_md = out / "audit" / "audit.md"
+        if audit_md.is_file():
+            print(f"[pipeline] {audit_md} exists; skipping")
+        else:
+            run_audit(releases["pmp"], runs["pmp"], out / "audit", cache_dir=cfg.data.cache_dir, text_file=lm_file)
+        recovered = {"pmp": str(out / "audit" / "recovered_mask")}
+
+    _stage(f"attack (suite {suite})")
+    models = resolve_models({"pmp": str(releases["pmp"]), "dense": str(releases["dense"])},
+                            {"pmp": str(runs["pmp"])}, "dense", recovered=recovered)
+    task_list = resolve_tasks(tasks, cfg.data.cache_dir, task_file, text_column, label_column, lm_file)
+    Sweep(models, task_list, suite_obj, out / "attack", seeds=seeds).run()
+    _stage("report")
+    report = write_report(out / "attack", out / "report", "dense", ["pmp"])
 
     st = {m: RunDir(runs[m]).read_status() for m in runs}
     lines = [

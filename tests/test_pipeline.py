@@ -18,7 +18,8 @@ def test_pipeline_end_to_end_and_resumes(tmp_path, capsys):
     lm = tmp_path / "heldout.txt"
     lm.write_text(generate_text(15000, seed=99))
     suite = tmp_path / "suite.yaml"
-    suite.write_text("name: tiny\nseeds: 1\nattacks: [probe, full_adamw_3e-4_cos, authorized_1e-3_cos]\n"
+    suite.write_text("name: tiny\nseeds: 1\n"
+                     "attacks: [probe, full_adamw_3e-4_cos, authorized_1e-3_cos, recovered_mask_1e-3_cos]\n"
                      "classification: {steps: 4, batch_size: 4, max_len: 16, max_train: 24, max_val: 8, "
                      "max_test: 12, eval_every: 2}\n"
                      "lm: {steps: 4, batch_size: 2, max_len: 16, max_train: 12, max_val: 3, max_test: 3, "
@@ -39,6 +40,9 @@ def test_pipeline_end_to_end_and_resumes(tmp_path, capsys):
         assert (exp / path).is_file(), path
     cells = list((exp / "attack" / "cells").glob("*.json"))
     assert any("pmp__" in c.name and "authorized" in c.name for c in cells)
+    rec = [json.loads(c.read_text()) for c in cells if "recovered_mask" in c.name]
+    assert rec and all(r["model"] == "pmp" and r["mask"]["source"] == "recovered" for r in rec)
+    assert all(0 <= r["mask"]["precision_vs_true_mask"] <= 1 and r["complement_unchanged"] for r in rec)
     assert not (exp / "releases" / "pmp" / "mask.json").exists()
     summary = (exp / "summary.md").read_text()
     assert "held-out perplexity" in summary and "report.md" in summary
@@ -46,4 +50,4 @@ def test_pipeline_end_to_end_and_resumes(tmp_path, capsys):
     # a second call skips every finished stage
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert out.count("already finished; skipping") == 2 and out.count("exists; skipping") == 2
+    assert out.count("already finished; skipping") == 2 and out.count("exists; skipping") == 3
