@@ -104,7 +104,9 @@ def resolve_tasks(names: str = "default", cache_dir: str = "", task_file: str = 
     wanted: list[str] = []
     for n in [x.strip() for x in (names or "").split(",") if x.strip()]:
         if n == "default":
-            wanted += default_classification_tasks() + [default_lm_probe()]
+            # the LM probe first: it is where pre-training clearly helps (DESIGN.md, validity), so a partial
+            # sweep has the most informative comparison
+            wanted += [default_lm_probe()] + default_classification_tasks()
         elif n in ("none", ""):
             continue
         elif n not in list_tasks():
