@@ -32,8 +32,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 KINDS = ("probe", "full", "lora", "norm_bias", "random_mask", "authorized", "recovered_mask")
 OPTIMIZERS = ("adamw", "adam", "sgd", "adagrad")
 SCHEDULES = ("constant", "cosine")
@@ -219,15 +217,10 @@ def load_suite_file(path: str | Path) -> Suite:
       classification: {steps: 100}      # Budget fields; omitted ones keep their defaults
       lm: {steps: 100, batch_size: 8}
     An attack given as a mapping is registered (so later suites can name it) and used."""
+    from pmp.config import load_yaml_mapping
+
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"suite file {p} does not exist")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"suite file {p} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"suite file {p} must be a mapping with an 'attacks' list")
+    raw = load_yaml_mapping(p, "suite file", " (a YAML mapping with an 'attacks' list)")
     unknown = sorted(set(raw) - {"name", "seeds", "attacks", "classification", "lm", "mask_density", "description",
                                  "extends"})
     if unknown:

@@ -299,19 +299,23 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def load_yaml_mapping(path: str | Path, what: str, hint: str = "") -> dict:
+    """A YAML file that must hold a mapping; clear errors for a missing file, bad YAML or another shape."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} not found: {p}{hint}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{what} {p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {p} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """YAML file (optional) + --set overrides -> validated RunConfig."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file not found: {p} (see configs/ for recipes)")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"config file {p} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
+    data = {} if path is None else load_yaml_mapping(path, "config file", " (see configs/ for recipes)")
     for ov in overrides:
         keys, value = parse_override(ov)
         node = data
