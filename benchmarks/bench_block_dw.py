@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import bench_ms, device, parse_dtype, print_table, write_results
+from common import add_shape_args, bench_ms, device, parse_dtype, print_table, write_results
 
 from pmp.kernels import MaskLayout, backend, masked_weight_grad, reference
 
@@ -30,14 +30,9 @@ def main() -> None:
     dev = device()
     gpu = dev.type == "cuda"
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--O", type=int, default=4096 if gpu else 512)
-    ap.add_argument("--I", type=int, default=4096 if gpu else 512)
-    ap.add_argument("--T", type=int, default=16384 if gpu else 1024)
-    ap.add_argument("--dtype", default="bf16" if gpu else "fp32", choices=["fp32", "fp16", "bf16"])
+    add_shape_args(ap, gpu)
     ap.add_argument("--block-sizes", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.25, 0.5, 1.0])
-    ap.add_argument("--reps", type=int, default=100 if gpu else 30)
-    ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
     dtype = parse_dtype(args.dtype)
     O, I, T = args.O, args.I, args.T

@@ -17,7 +17,7 @@ import argparse
 import functools
 
 import torch
-from common import bench_ms, copy_bandwidth_gbs, device, parse_dtype, print_table, write_results
+from common import add_shape_args, bench_ms, copy_bandwidth_gbs, device, parse_dtype, print_table, write_results
 
 from pmp.kernels import MaskLayout, backend, masked_adamw_, reference
 
@@ -28,13 +28,8 @@ def main() -> None:
     dev = device()
     gpu = dev.type == "cuda"
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--O", type=int, default=4096 if gpu else 512)
-    ap.add_argument("--I", type=int, default=4096 if gpu else 512)
-    ap.add_argument("--dtype", default="bf16" if gpu else "fp32", choices=["fp32", "bf16"],
-                    help="dtype of the dense weight the forward uses")
+    add_shape_args(ap, gpu, tokens=False, dtypes=("fp32", "bf16"))
     ap.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.25, 0.5])
-    ap.add_argument("--reps", type=int, default=100 if gpu else 30)
-    ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
     dtype = parse_dtype(args.dtype)
     O, I = args.O, args.I

@@ -77,6 +77,19 @@ def peak_mem_mb(fn: Callable[[], object], dev: torch.device) -> float | None:
     return (torch.cuda.max_memory_allocated(dev) - base) / 2**20
 
 
+def add_shape_args(ap, gpu: bool, tokens: bool = True, dtypes: tuple[str, ...] = ("fp32", "fp16", "bf16")) -> None:
+    """The weight shape / token count / dtype / reps flags every kernel benchmark shares (GPU: 4096^2, 16k tokens,
+    bf16; CPU: 512^2, 1k tokens, fp32)."""
+    ap.add_argument("--O", type=int, default=4096 if gpu else 512)
+    ap.add_argument("--I", type=int, default=4096 if gpu else 512)
+    if tokens:
+        ap.add_argument("--T", type=int, default=16384 if gpu else 1024)
+    ap.add_argument("--dtype", default="bf16" if gpu else "fp32", choices=list(dtypes),
+                    help="dtype of the dense weight / activations")
+    ap.add_argument("--reps", type=int, default=100 if gpu else 30)
+    ap.add_argument("--no-save", action="store_true")
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     def fmt(v):
         if v is None:
