@@ -1,7 +1,9 @@
 """The evaluation vocabulary as arithmetic on results JSONs (see DESIGN.md, "Evaluation vocabulary").
 
 - gain = metric after fine-tuning - the same model's frozen-probe metric, SIGN-ADJUSTED so that positive is
-  better for every metric: for perplexity (lower is better) gain = ppl(probe) - ppl(after).
+  better for every metric. Accuracy: points of accuracy. Perplexity: the loss reduction in nats per token,
+  ln ppl(probe) - ln ppl(after) -- raw perplexity differences scale with the starting perplexity (a model that
+  starts worse "gains" more for the same improvement in loss), which would bias every PMP/dense ratio.
 - gain ratio = mean gain(protected) / mean gain(baseline), same task, attack and budget; undefined (None) when the
   baseline's mean gain is <= 0. Spread: min-max of the per-seed paired ratios (seed i with seed i).
 - authorized recovery = mean gain of the owner's mask-aware fine-tuning of the protected model (its best
@@ -9,9 +11,9 @@
   dense model reaches). 1.0 = the owner recovers everything dense fine-tuning offers.
 - validity (per task and budget): the baseline's best attack beats the from-scratch model's best attack (means
   over seeds, raw metric, direction-aware). Gain ratios on invalid tasks are shown but flagged and never averaged.
-- best attack: per model and task, the UNAUTHORIZED attack (not probe, not authorized) with the best mean
-  validation-selected test metric (the attacker
-  picks the best; choosing on test is generous to the attacker, i.e. conservative for the protection).
+- best attack: per model and task, the UNAUTHORIZED attack (not probe, not authorized) whose mean VALIDATION
+  metric (at its validation-selected step) is best: the choice a real attacker can make, on its own split. The
+  report also gives the oracle choice (best on test), which is generous to the attacker.
 Every headline uses the validation-selected test metric; the final-step metric is reported beside it.
 """
 
@@ -23,10 +25,15 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def signed_gain(before: float, after: float, direction: str) -> float:
-    """after - before, sign-adjusted so that positive = better (direction 'higher' or 'lower')."""
+def signed_gain(before: float, after: float, direction: str, metric: str = "") -> float:
+    """after - before, sign-adjusted so that positive = better (direction 'higher' or 'lower'); for perplexity
+    the difference of logs (nats per token of loss reduction)."""
     if direction not in ("higher", "lower"):
         raise ValueError(f"direction must be 'higher' or 'lower', got {direction!r}")
+    if metric == "perplexity":
+        if before <= 0 or after <= 0:
+            raise ValueError(f"perplexity must be > 0, got before={before}, after={after}")
+        before, after = math.log(before), math.log(after)
     return after - before if direction == "higher" else before - after
 
 
@@ -83,7 +90,7 @@ def aggregate(cells: list[dict]) -> dict:
     out = {}
     for key, cs in groups.items():
         cs = sorted(cs, key=lambda c: c["seed"])
-        d = cs[0]["direction"]
+        d, metric = cs[0]["direction"], cs[0]["metric"]
         kinds = {c["direction"] for c in cs}
         if len(kinds) > 1:
             raise ValueError(f"cells of {key} disagree on the metric direction: {kinds}")
@@ -95,9 +102,10 @@ def aggregate(cells: list[dict]) -> dict:
             "before": spread([c["before"] for c in cs]),
             "after": spread([c["after_val_selected"] for c in cs]),
             "after_final": spread([c["after_final"] for c in cs]),
-            "gain": spread([signed_gain(c["before"], c["after_val_selected"], d) for c in cs]),
-            "gain_final": spread([signed_gain(c["before"], c["after_final"], d) for c in cs]),
-            "gain_by_seed": {c["seed"]: signed_gain(c["before"], c["after_val_selected"], d) for c in cs},
+            "val": spread([c["selected_val"] for c in cs]),  # the attacker's own validation metric
+            "gain": spread([signed_gain(c["before"], c["after_val_selected"], d, metric) for c in cs]),
+            "gain_final": spread([signed_gain(c["before"], c["after_final"], d, metric) for c in cs]),
+            "gain_by_seed": {c["seed"]: signed_gain(c["before"], c["after_val_selected"], d, metric) for c in cs},
         }
     return out
 
@@ -121,9 +129,11 @@ def roles(agg: dict, baseline: str = "", protected: list[str] | None = None) -> 
 
 
 def best_attack(agg: dict, model: str, task: str, kinds: tuple[str, ...] | None = None,
-                budget: tuple | None = None) -> dict | None:
-    """The attack with the best mean validation-selected test metric (optionally among kinds / one budget).
-    By default among the UNAUTHORIZED attacks: `authorized` needs the private mask, which an attacker lacks."""
+                budget: tuple | None = None, by: str = "val") -> dict | None:
+    """The attack whose mean validation metric is best (`by="test"`: the oracle choice on the test metric),
+    optionally among kinds / one budget. By default among the UNAUTHORIZED attacks: `authorized` needs the
+    private mask, which an attacker lacks."""
+    key = {"val": "val", "test": "after"}[by]
     best = None
     for a in agg.values():
         if a["model"] != model or a["task"] != task or a["attack_kind"] == "probe":
@@ -134,7 +144,7 @@ def best_attack(agg: dict, model: str, task: str, kinds: tuple[str, ...] | None 
             continue
         if budget is not None and a["budget"] != budget:
             continue
-        if best is None or better(a["after"]["mean"], best["after"]["mean"], a["direction"]):
+        if best is None or better(a[key]["mean"], best[key]["mean"], a["direction"]):
             best = a
     return best
 

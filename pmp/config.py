@@ -107,8 +107,11 @@ class PMPConfig:
     )
     block_size: int = doc("0 = unstructured mask; 64 or 128 = block mask on 2-D linear weights", 0)
     ema_beta: float = doc("exponential smoothing of scores across warm-up steps (0 = raw per-step scores)", 0.98)
-    iou_threshold: float = doc("mask is stable when IoU of consecutive masks >= this ...", 0.99)
-    patience: int = doc("... for this many consecutive steps", 5)
+    iou_threshold: float = doc("mask is stable when the IoU of masks iou_lag_steps apart >= this ...", 0.99)
+    patience: int = doc("... for this many consecutive checks", 2)
+    iou_lag_steps: int = doc(
+        "compare the mask with the one this many steps earlier (a check every this many steps); with EMA-smoothed "
+        "scores masks of consecutive steps agree by construction, so 1 stops at min_warmup_steps", 25)
     min_warmup_steps: int = doc("never stop identification before this many dense steps", 20)
     max_warmup_steps: int = doc("stop identification here even if the mask is not stable", 500)
     rewind: bool = doc("reset all weights to their initial values after identification", True)
@@ -161,6 +164,7 @@ class RunConfig:
                p.scope)
         _check(p.block_size in (0, 64, 128), "pmp.block_size must be 0, 64 or 128, got {}", p.block_size)
         _check(0 <= p.ema_beta < 1, "pmp.ema_beta must be in [0, 1), got {}", p.ema_beta)
+        _check(p.iou_lag_steps >= 1, "pmp.iou_lag_steps must be >= 1, got {}", p.iou_lag_steps)
         _check(0 < p.iou_threshold <= 1, "pmp.iou_threshold must be in (0, 1], got {}", p.iou_threshold)
         _check(p.patience >= 1, "pmp.patience must be >= 1, got {}", p.patience)
         _check(0 <= p.min_warmup_steps <= p.max_warmup_steps,

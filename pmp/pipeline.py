@@ -32,14 +32,18 @@ def _stage(name: str) -> None:
 
 
 def pretrain_if_needed(cfg: RunConfig, out: Path) -> Path:
-    from pmp.train.run_dir import RunDir
+    from pmp.train.run_dir import RunDir, config_difference
     from pmp.train.trainer import pretrain
 
     run = RunDir(out)
     if run.is_run():
+        diff = config_difference(run, cfg)
+        if diff:
+            raise ValueError(f"{out} was trained with another config ({diff}); give the pipeline a new --out "
+                             "directory (or move that run away) to train with this one")
         status = run.read_status()
         if status.get("status") == "finished":
-            print(f"[pipeline] {out} already finished; skipping")
+            print(f"[pipeline] {out} already finished with the same config; skipping")
             return out
         return pretrain(cfg, out, resume=True).root
     return pretrain(cfg, out).root
@@ -94,7 +98,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, suite: str = "quick", tasks: s
     models = resolve_models({"pmp": str(releases["pmp"]), "dense": str(releases["dense"])},
                             {"pmp": str(runs["pmp"])}, "dense", recovered=recovered)
     task_list = resolve_tasks(tasks, cfg.data.cache_dir, task_file, text_column, label_column, lm_file)
-    Sweep(models, task_list, suite_obj, out / "attack", seeds=seeds).run()
+    sweep = Sweep(models, task_list, suite_obj, out / "attack", seeds=seeds).run()
     _stage("report")
     report = write_report(out / "attack", out / "report", "dense", ["pmp"])
 
@@ -104,6 +108,8 @@ def run_pipeline(cfg: RunConfig, out: str | Path, suite: str = "quick", tasks: s
         f"- wall time: {(time.perf_counter() - t0) / 60:.1f} min (this call; finished stages were skipped)",
         *(f"- {m}: held-out perplexity {st[m].get('final_val_ppl', float('nan')):.2f} "
           f"(private run {runs[m]}, release {releases[m]})" for m in ("dense", "pmp")),
+        f"- attack suite `{suite}`: {sweep['run']} cells run in {sweep['wall_seconds'] / 60:.1f} min "
+        f"({sweep['skipped']} already done, {sweep['cells']} in the plan)",
         f"- attack report: {report}",
         *([f"- mask secrecy audit: {audit_md}"] if audit_md else []),
     ]

@@ -11,12 +11,14 @@ from pmp.eval.report import write_report
 BUDGET = {"steps": 100, "batch_size": 16, "max_train": 1000, "max_len": 64}
 
 
-def cell(model, role, task, attack, kind, seed, before, after, final=None, lm=False):
+def cell(model, role, task, attack, kind, seed, before, after, final=None, lm=False, val=None):
     metric, direction = ("perplexity", "lower") if lm else ("accuracy", "higher")
     final = after if final is None else final
+    val = after if val is None else val
     return {"status": "done", "cell": f"{model}__{task}__{attack}__s{seed}", "model": model, "model_role": role,
             "task": task, "task_kind": "lm" if lm else "classification", "metric": metric, "direction": direction,
             "attack": attack, "attack_kind": kind, "seed": seed, "before": before, "after_val_selected": after,
+            "selected_val": val,
             "after_final": final, "budget": BUDGET, "suite": "handmade", "versions": {}, "git_commit": "unknown",
             "curve": [{"step": 50, "val": {metric: after}, "test": {metric: final}},
                       {"step": 100, "val": {metric: after}, "test": {metric: final}}]}
@@ -98,9 +100,14 @@ def test_perplexity_gain_is_sign_adjusted(tmp_path):
                cell("dense", "baseline", "dialog", "full", "full", s, 100.0, 60.0, lm=True),
                cell("from_scratch", "scratch", "dialog", "full", "full", s, 900.0, 80.0, lm=True)]
     agg = M.aggregate(M.load_cells(write(tmp_path, cs)))
-    assert agg[("pmp", "dialog", "full")]["gain"]["mean"] == pytest.approx(20.0)  # 200 -> 180 is +20
-    assert agg[("dense", "dialog", "full")]["gain"]["mean"] == pytest.approx(40.0)
-    assert M.gain_ratio(agg, "pmp", "dense", "dialog", "full")["ratio"] == pytest.approx(0.5)
+    # perplexity gains are loss reductions in nats: 200 -> 180 is ln(200/180), 100 -> 60 is ln(100/60)
+    assert agg[("pmp", "dialog", "full")]["gain"]["mean"] == pytest.approx(math.log(200 / 180))
+    assert agg[("dense", "dialog", "full")]["gain"]["mean"] == pytest.approx(math.log(100 / 60))
+    assert M.gain_ratio(agg, "pmp", "dense", "dialog", "full")["ratio"] == pytest.approx(
+        math.log(200 / 180) / math.log(100 / 60))
+    # the same relative improvement is the same gain whatever the starting perplexity (raw units: 40 vs 20)
+    assert M.signed_gain(200.0, 100.0, "lower", "perplexity") == pytest.approx(
+        M.signed_gain(100.0, 50.0, "lower", "perplexity"))
     # lower perplexity is better: dense 60 beats scratch 80 -> valid (a naive '>' would say invalid)
     assert M.validity(agg, M.roles(agg), "dialog")["valid"] is True
     assert M.best_attack(agg, "from_scratch", "dialog")["after"]["mean"] == 80.0
@@ -121,3 +128,19 @@ def test_roles_override_and_bad_results_dir(tmp_path):
     with pytest.raises(ValueError, match="no finished result cells"):
         M.load_cells(tmp_path / "empty")
     assert M.spread([3.0])["std"] == 0.0 and M.ratio(1.0, 0.0) is None
+
+
+def test_best_attack_is_chosen_on_validation_not_test(tmp_path):
+    cs = classification_cells()
+    # a second full fine-tune that looks worse on the attacker's validation split but is better on test:
+    # a real attacker keeps `full` (best on val); only the oracle picks `full_lucky`
+    for s, (before, after) in enumerate([(0.50, 0.70), (0.52, 0.72)]):
+        cs.append(cell("pmp", "protected", "sent", "full_lucky", "full", s, before, after, val=0.40))
+    agg = M.aggregate(M.load_cells(write(tmp_path, cs)))
+    assert M.best_attack(agg, "pmp", "sent")["attack"] == "full"
+    assert M.best_attack(agg, "pmp", "sent", by="test")["attack"] == "full_lucky"
+    md = write_report(tmp_path / "res").read_text()
+    row = next(r for r in md.split("## Main table")[1].splitlines() if r.startswith("| sent "))
+    cols = [c.strip() for c in row.strip("|").split("|")]
+    # best (val-chosen) ratio 0.06 / 0.15 = 0.40; oracle ratio 0.20 / 0.15 = 1.33
+    assert cols[-3:-1] == ["0.40", "1.33"], cols

@@ -78,7 +78,7 @@ def test_block_masks_are_block_constant():
 
 def test_stops_when_stable_after_patience():
     ps = params()
-    cfg = PMPConfig(scorer="weight", patience=3, min_warmup_steps=2, max_warmup_steps=50)
+    cfg = PMPConfig(scorer="weight", patience=3, min_warmup_steps=2, max_warmup_steps=50, iou_lag_steps=1)
     ident = MaskIdentifier(ps, cfg)
     recs = [ident.observe(i) for i in range(1, 6)]
     # weights do not move: step 1 has no previous mask (IoU 0), steps 2.. have IoU 1
@@ -89,7 +89,7 @@ def test_stops_when_stable_after_patience():
 
 def test_stops_at_max_warmup_when_never_stable():
     ps = params()
-    ident = MaskIdentifier(ps, PMPConfig(ema_beta=0.0, max_warmup_steps=4, min_warmup_steps=0))
+    ident = MaskIdentifier(ps, PMPConfig(ema_beta=0.0, max_warmup_steps=4, min_warmup_steps=0, iou_lag_steps=1))
     done = []
     for i in range(1, 5):
         set_grads(ps, i)  # fresh random gradients: raw masks never agree
@@ -101,7 +101,7 @@ def test_stops_at_max_warmup_when_never_stable():
 def test_ema_smoothing_raises_iou():
     def last_iou(beta):
         ps = params()
-        ident = MaskIdentifier(ps, PMPConfig(ema_beta=beta, max_warmup_steps=100))
+        ident = MaskIdentifier(ps, PMPConfig(ema_beta=beta, max_warmup_steps=100, iou_lag_steps=1))
         for i in range(30):
             set_grads(ps, i)
             for p in ps.values():
@@ -110,6 +110,46 @@ def test_ema_smoothing_raises_iou():
         return rec["iou"]
 
     assert last_iou(0.9) > last_iou(0.0) + 0.1
+
+
+def drifting_run(lag: int, steps: int = 60) -> list[dict]:
+    """Scores whose ranking drifts steadily (a real, slow change): EMA-smoothed masks of consecutive steps still
+    agree almost perfectly, masks `lag` steps apart do not."""
+    ps = params()
+    g = torch.Generator().manual_seed(1)
+    start = {n: torch.rand(p.shape, generator=g) for n, p in ps.items()}
+    end = {n: torch.rand(p.shape, generator=g) for n, p in ps.items()}
+    ident = MaskIdentifier(ps, PMPConfig(scorer="grad", ema_beta=0.98, iou_lag_steps=lag, patience=2,
+                                         min_warmup_steps=5, max_warmup_steps=steps))
+    recs = []
+    for i in range(steps):
+        for n, p in ps.items():
+            p.grad = start[n] + (end[n] - start[n]) * (i / steps)
+        recs.append(ident.observe(i + 1))
+        if recs[-1]["done"]:
+            break
+    return recs
+
+
+def test_lagged_iou_does_not_stop_on_ema_inertia():
+    # The flaw the lag fixes: with a step-to-step comparison the rule fires right at min_warmup_steps
+    recs = drifting_run(lag=1)
+    assert recs[-1]["reason"] == "stable" and len(recs) == 5
+    recs = drifting_run(lag=10)
+    assert recs[-1]["reason"] == "max_warmup_steps" and len(recs) == 60
+    checked = [r for r in recs if r["checked"]]
+    assert [r["step"] for r in checked] == [10, 20, 30, 40, 50, 60]
+    assert checked[0]["iou"] == 0.0 and all(r["iou"] < 0.99 for r in checked)
+
+
+def test_lagged_iou_stops_once_settled():
+    ps = params()
+    ident = MaskIdentifier(ps, PMPConfig(scorer="weight", iou_lag_steps=4, patience=2, min_warmup_steps=0,
+                                         max_warmup_steps=100))
+    recs = [ident.observe(i) for i in range(1, 13)]
+    # checks at 4 (no previous: IoU 0), 8 and 12 (weights never move: IoU 1) -> stable at the 2nd agreeing check
+    assert [r["done"] for r in recs].index(True) == 11 and recs[11]["reason"] == "stable"
+    assert [r["checked"] for r in recs[:4]] == [False, False, False, True]
 
 
 def test_random_scorer_is_a_fixed_mask_and_state_roundtrips():

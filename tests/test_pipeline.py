@@ -50,4 +50,13 @@ def test_pipeline_end_to_end_and_resumes(tmp_path, capsys):
     # a second call skips every finished stage
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert out.count("already finished; skipping") == 2 and out.count("exists; skipping") == 3
+    assert out.count("already finished with the same config; skipping") == 2 and out.count("exists; skipping") == 3
+    assert "attack suite" in (exp / "summary.md").read_text()
+    # another PMP setting: the finished dense baseline still counts (it never reads `pmp.*`), the PMP run does
+    # not -- a clear error instead of silently reusing a model trained another way; nothing is overwritten
+    before = (exp / "runs" / "pmp" / "final" / "model.safetensors").read_bytes()
+    assert main(args + ["--set", "pmp.density=0.3"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.count("already finished with the same config; skipping") == 1
+    assert "runs/pmp was trained with another config (pmp.density: 0.5 -> 0.3)" in captured.err
+    assert (exp / "runs" / "pmp" / "final" / "model.safetensors").read_bytes() == before

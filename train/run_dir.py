@@ -83,9 +83,8 @@ def open_run(out: str | Path, cfg: RunConfig, resume: bool) -> RunDir:
     if resume:
         if not run.is_run():
             raise FileNotFoundError(f"--resume: {run.root} holds no pmp run to resume (no run.json)")
-        saved = run.load_config()
-        if to_dict(saved) != to_dict(cfg):
-            diff = _diff(to_dict(saved), to_dict(cfg))
+        diff = config_difference(run, cfg)
+        if diff:
             raise ValueError(f"--resume: the config differs from the one {run.root} was started with ({diff}); "
                              "resume without a config (or with the same one) or start a new --out directory")
         return run
@@ -98,6 +97,15 @@ def open_run(out: str | Path, cfg: RunConfig, resume: bool) -> RunDir:
         if any(run.root.iterdir()):
             raise FileExistsError(f"--out {run.root} is not empty; choose a new or empty directory")
     return run
+
+
+def config_difference(run: RunDir, cfg: RunConfig) -> str:
+    """'' when `cfg` is the config `run` was started with, else the differing keys. A dense run ignores the `pmp`
+    section (it never reads it), so changing PMP settings does not invalidate a finished dense baseline."""
+    saved, new = to_dict(run.load_config()), to_dict(cfg)
+    if saved["train"]["method"] == "dense" and new["train"]["method"] == "dense":
+        saved.pop("pmp"), new.pop("pmp")
+    return _diff(saved, new) if saved != new else ""
 
 
 def initialize_run(run: RunDir, cfg: RunConfig) -> None:

@@ -210,8 +210,9 @@ class Trainer:
             window_loss, window_steps = window_loss + loss, window_steps + 1
             toks += t.batch_size * t.grad_accum * self.cfg.data.seq_len
             if rec is not None:
-                self.log.log({"step": self.step, "phase": "identify", "iou": rec["iou"],
-                              "stable_steps": rec["stable_steps"]})
+                if rec["checked"]:
+                    self.log.log({"step": self.step, "phase": "identify", "iou": rec["iou"],
+                                  "stable_steps": rec["stable_steps"]})
                 if rec["done"]:
                     self._finish_identification(rec)
             if self.step % t.log_every == 0 or self.step == t.steps:
