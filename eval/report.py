@@ -42,10 +42,11 @@ def write_report(results_dir: str | Path, out: str | Path | None = None, baselin
     out = Path(out) if out else Path(results_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     cells, agg, role_of = rep["cells"], rep["agg"], rep["roles"]
-    models = sorted(role_of, key=lambda m: ("protected", "baseline", "other", "scratch").index(role_of[m]))
+    models = sorted(role_of, key=lambda m: ("protected", "baseline", "matched", "other", "scratch").index(role_of[m]))
     tasks = list(dict.fromkeys(c["task"] for c in cells))
     attacks = list(dict.fromkeys(c["attack"] for c in sorted(cells, key=lambda c: c.get("attack_kind") != "probe")))
     base = next((m for m in models if role_of[m] == "baseline"), "")
+    matched = next((m for m in models if role_of[m] == "matched"), "")
     prot = [m for m in models if role_of[m] == "protected"]
     task_info = {t: next(c for c in cells if c["task"] == t) for t in tasks}
 
@@ -66,13 +67,16 @@ def write_report(results_dir: str | Path, out: str | Path | None = None, baselin
           "**valid** only where the baseline's best attack beats the from-scratch model's best attack; ratios on "
           "invalid tasks are shown but never averaged. **best attack** = the attack with the best mean validation "
           "metric (the choice an attacker can make on its own split); **oracle** = the attack best on test "
-          "(generous to the attacker). ± = sample std over seeds.", ""]
+          "(generous to the attacker). **matched** (when present): a second dense baseline, an earlier state of the "
+          "dense run whose held-out perplexity matches the protected model's, so that a lower PMP gain cannot be "
+          "explained by a worse (or better) starting model. ± = sample std over seeds.", ""]
 
     # ----------------------------------------------------------------------------------------- main table
     L += ["## Main table", ""]
     hdr = ["task", "metric", "validity"] + [f"{m} probe" for m in models]
     hdr += [f"{m} best attack: after (gain)" for m in models]
     hdr += [f"gain ratio {p} (best)" for p in prot] + [f"gain ratio {p} (oracle)" for p in prot]
+    hdr += [f"gain ratio {p} vs {matched} (best)" for p in prot if matched]
     hdr += [f"authorized recovery {p}" for p in prot]
     L += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     valid_ratios: dict[str, list[float]] = {p: [] for p in prot}
@@ -96,6 +100,10 @@ def write_report(results_dir: str | Path, out: str | Path | None = None, baselin
         for p in prot:
             bp, bb = M.best_attack(agg, p, t, by="test"), M.best_attack(agg, base, t, by="test") if base else None
             r = M.ratio(bp["gain"]["mean"], bb["gain"]["mean"]) if bp and bb else None
+            row.append(_f(r, 2) + ("" if v["valid"] or r is None else " (invalid)"))
+        for p in prot if matched else []:
+            bp, bm = M.best_attack(agg, p, t), M.best_attack(agg, matched, t)
+            r = M.ratio(bp["gain"]["mean"], bm["gain"]["mean"]) if bp and bm else None
             row.append(_f(r, 2) + ("" if v["valid"] or r is None else " (invalid)"))
         for p in prot:
             ar = M.authorized_recovery(agg, p, base, t) if base else {"recovery": None}
@@ -123,7 +131,7 @@ def write_report(results_dir: str | Path, out: str | Path | None = None, baselin
         L += [f"Budget: {b.get('steps')} steps x batch {b.get('batch_size')}, max_len {b.get('max_len')}, "
               f"data {b.get('data')}", ""]
         hdr = ["attack"] + [f"{m}: after [final]" for m in models] + [f"{m}: gain" for m in models]
-        hdr += [f"ratio {p}" for p in prot]
+        hdr += [f"ratio {p}" for p in prot] + [f"ratio {p} vs {matched}" for p in prot if matched]
         L += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
         for a in attacks:
             if not any((m, t, a) in agg for m in models):
@@ -143,6 +151,9 @@ def write_report(results_dir: str | Path, out: str | Path | None = None, baselin
                 if gr["ratio"] is not None and not v["valid"]:
                     s += " (invalid)"
                 row.append(s if (p, t, a) in agg else "")
+            for p in prot if matched else []:
+                gr = M.gain_ratio(agg, p, matched, t, a)
+                row.append(_f(gr["ratio"], 2) if (p, t, a) in agg else "")
             L.append("| " + " | ".join(row) + " |")
         row = ["**best attack**"]
         bests = {m: M.best_attack(agg, m, t) for m in models}
@@ -150,6 +161,10 @@ def write_report(results_dir: str | Path, out: str | Path | None = None, baselin
         row += [_ms(bests[m]["gain"]) if bests[m] else "" for m in models]
         for p in prot:
             r = M.ratio(bests[p]["gain"]["mean"], bests[base]["gain"]["mean"]) if base and bests[p] and bests[base] \
+                else None
+            row.append(_f(r, 2))
+        for p in prot if matched else []:
+            r = M.ratio(bests[p]["gain"]["mean"], bests[matched]["gain"]["mean"]) if bests[p] and bests[matched] \
                 else None
             row.append(_f(r, 2))
         L += ["| " + " | ".join(row) + " |", ""]

@@ -37,7 +37,7 @@ SCRATCH = "from_scratch"
 class ModelSpec:
     name: str
     path: Path | None  # None for from_scratch
-    role: str  # protected | baseline | scratch | other
+    role: str  # protected | baseline | matched | scratch | other
     private: Path | None = None
     config_from: Path | None = None  # from_scratch: the release whose config.json gives the architecture
     recovered: Path | None = None  # a mask recovered from the release by an attacker (`pmp audit`)
@@ -62,8 +62,11 @@ def parse_pairs(items: list[str], what: str) -> dict[str, str]:
 
 
 def resolve_models(models: dict[str, str], private: dict[str, str] | None = None, baseline: str = "",
-                   scratch: bool = True, recovered: dict[str, str] | None = None) -> list[ModelSpec]:
-    """Check every input (releases load, private runs are runs, recovered masks load) and assign roles."""
+                   scratch: bool = True, recovered: dict[str, str] | None = None,
+                   matched: str = "") -> list[ModelSpec]:
+    """Check every input (releases load, private runs are runs, recovered masks load) and assign roles.
+    `matched`: a second dense baseline whose pre-training quality matches the protected model's (an earlier
+    state of the dense run, `pmp export --step`): gains are also compared against it."""
     private, recovered = private or {}, recovered or {}
     if not models:
         raise ValueError("no models: pass --models NAME=PATH [NAME=PATH ...]")
@@ -73,14 +76,18 @@ def resolve_models(models: dict[str, str], private: dict[str, str] | None = None
             raise ValueError(f"{flag} names {unknown} that are not in --models ({', '.join(models)})")
     if baseline and baseline not in models:
         raise ValueError(f"--baseline {baseline!r} is not one of the models: {', '.join(models)}")
+    if matched and matched not in models:
+        raise ValueError(f"--matched {matched!r} is not one of the models: {', '.join(models)}")
     if not baseline:
-        baseline = next((n for n in models if n.startswith("dense") and n not in private), "")
+        baseline = next((n for n in models if n.startswith("dense") and n not in private and n != matched), "")
+    if matched and matched == baseline:
+        raise ValueError(f"--matched {matched!r} is also the baseline; the matched baseline is a second dense model")
     specs = []
     for name, path in models.items():
         rel = check_release(path)
         load_tokenizer(rel)
         priv = check_private_run(private[name]) if name in private else None
-        role = ("baseline" if name == baseline else
+        role = ("baseline" if name == baseline else "matched" if name == matched else
                 "protected" if priv is not None or name.startswith("pmp") else "other")
         rec = None
         if name in recovered:

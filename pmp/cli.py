@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--tasks", default="default", help="attack tasks: default | comma list of registered tasks")
     pipe.add_argument("--seeds", type=int, default=0, help="seeds per attack cell (0 = the suite's own)")
     pipe.add_argument("--no-audit", action="store_true", help="skip the mask secrecy audit")
+    pipe.add_argument("--matched-baseline", action="store_true", help="also attack the earlier dense state whose "
+                      "held-out perplexity matches PMP's final one (needs train.snapshot_every; adds ~1/3 to the "
+                      "attack time)")
     pipe.add_argument("--task-file", default="", help="also attack on this labelled csv/jsonl task")
     pipe.add_argument("--text-column", default="text", help="text column of --task-file")
     pipe.add_argument("--label-column", default="label", help="label column of --task-file")
@@ -118,6 +121,8 @@ def _release_parsers(sub) -> None:
                      "(must lie outside the release)")
     exp.add_argument("--license", default="apache-2.0", help="license field of the model card")
     exp.add_argument("--max-shard-size", default="2GB", help="shard the weights above this size")
+    exp.add_argument("--step", type=int, default=None, help="release the weights the run kept at this earlier step "
+                     "(RUN/snapshots, RUN/checkpoints), e.g. a dense baseline matched to a PMP model's quality")
     ver = sub.add_parser("verify-release", help="audit a release: stock files, stock loading, no mask-derived "
                          "content; exit 1 on any failure")
     ver.add_argument("release", help="the release directory")
@@ -146,6 +151,8 @@ def _attack_parsers(sub) -> None:
     atk.add_argument("--lm-file", default="", help="your held-out text file for an extra LM (perplexity) probe")
     atk.add_argument("--seeds", type=int, default=0, help="seeds per cell (0 = the suite's)")
     atk.add_argument("--baseline", default="", help="the dense baseline model's name (default: the one named dense*)")
+    atk.add_argument("--matched", default="", help="a second dense baseline whose pre-training quality matches the "
+                     "protected model's (an earlier dense state, `pmp export --step`); the report compares to it too")
     atk.add_argument("--mask-density", type=float, default=0.0, help="random-mask density when no --private run "
                      "gives the real one (0 = the suite default)")
     atk.add_argument("--no-scratch", action="store_true", help="skip the from-scratch reference model (then no "
@@ -168,7 +175,7 @@ def cmd_attack(args) -> int:
         raise ValueError(f"--seeds must be >= 1 (or 0 for the suite's {suite.seeds}), got {args.seeds}")
     models = resolve_models(parse_pairs(args.models, "--models"), parse_pairs(args.private, "--private"),
                             args.baseline, scratch=not args.no_scratch,
-                            recovered=parse_pairs(args.recovered, "--recovered"))
+                            recovered=parse_pairs(args.recovered, "--recovered"), matched=args.matched)
     tasks = resolve_tasks(args.tasks, args.cache_dir, args.task_file, args.text_column, args.label_column,
                           args.lm_file)
     Sweep(models, tasks, suite, args.out, seeds=args.seeds, mask_density=args.mask_density).run()
@@ -191,7 +198,7 @@ def cmd_pipeline(args) -> int:
         raise ValueError(f"--seeds must be >= 0 (0 = the suite's own), got {args.seeds}")
     run_pipeline(load_config(args.config, args.overrides), args.out, suite=args.suite, tasks=args.tasks,
                  seeds=args.seeds, audit=not args.no_audit, task_file=args.task_file, text_column=args.text_column,
-                 label_column=args.label_column, lm_file=args.lm_file)
+                 label_column=args.label_column, lm_file=args.lm_file, matched_baseline=args.matched_baseline)
     return 0
 
 
@@ -221,7 +228,8 @@ def cmd_export(args) -> int:
 
     out = export_release(args.run, args.out, dtype=args.dtype, overwrite=args.overwrite,
                          publish_density=args.publish_density, commitment=args.commitment,
-                         max_shard_size=args.max_shard_size, mask_bundle=args.mask_bundle, license=args.license)
+                         max_shard_size=args.max_shard_size, mask_bundle=args.mask_bundle, license=args.license,
+                         step=args.step)
     print(f"[pmp] release written to {out} (the mask stays in {args.run}/private; check with "
           f"`pmp verify-release {out} --private {args.run}`)")
     return 0

@@ -82,6 +82,9 @@ class TrainConfig:
     log_every: int = doc("one console line + one metrics.jsonl row every N steps", 10)
     ckpt_every: int = doc("resumable checkpoint every N steps (0 = only at the end)", 200)
     keep_last: int = doc("resumable checkpoints kept (older ones are deleted)", 2)
+    snapshot_every: int = doc(
+        "keep the weights (only) every N steps in RUN/snapshots, never deleted (0 = off): earlier states give "
+        "quality-matched dense baselines (`pmp export --step`, `pmp pipeline --matched-baseline`)", 0)
     device: str = doc("auto | cpu | cuda | cuda:N", "auto")
     bf16: bool = doc("bf16 autocast on CUDA (ignored on CPU)", True)
     deterministic: bool = doc("deterministic algorithms (needed for bit-exact resume; slower on GPU)", True)
@@ -150,7 +153,7 @@ class RunConfig:
         _check(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1/beta2 must be in [0, 1), got {}/{}",
                t.beta1, t.beta2)
         _check(t.grad_clip >= 0, "train.grad_clip must be >= 0 (0 = off), got {}", t.grad_clip)
-        for k in ("eval_every", "eval_batches", "ckpt_every", "threads"):
+        for k in ("eval_every", "eval_batches", "ckpt_every", "threads", "snapshot_every"):
             _check(getattr(t, k) >= 0, "train.{} must be >= 0, got {}", k, getattr(t, k))
         _check(t.log_every >= 1, "train.log_every must be >= 1, got {}", t.log_every)
         _check(t.keep_last >= 1, "train.keep_last must be >= 1, got {}", t.keep_last)

@@ -8,7 +8,7 @@ where it stopped.
 
 OUT/
   runs/{dense,pmp}/       private run directories (never publish)
-  releases/{dense,pmp}/   public releases
+  releases/{dense,pmp}/   public releases (+ dense_matched/ with --matched-baseline)
   attack/                 one results JSON per (model, task, attack, seed) cell
   report/                 report.md + PNG plots
   audit/                  audit.md / audit.json (mask recovery against the true mask)
@@ -49,9 +49,37 @@ def pretrain_if_needed(cfg: RunConfig, out: Path) -> Path:
     return pretrain(cfg, out).root
 
 
+def matched_dense_step(dense_run: Path, pmp_run: Path) -> dict | None:
+    """The earlier state of the dense run whose held-out loss is closest to the PMP run's final one, among the
+    steps whose weights the run kept (snapshots, checkpoints); None when the dense run does not end better than
+    PMP (then its final model is already the matched or a weaker baseline) or kept no earlier weights."""
+    import json
+    import math
+
+    from pmp.train.checkpoint import CKPT_RE, list_checkpoints
+    from pmp.train.run_dir import RunDir
+
+    dense, pmp = RunDir(dense_run), RunDir(pmp_run)
+    target = pmp.read_status().get("final_val_ppl")
+    d_status = dense.read_status()
+    if not target or not d_status.get("final_val_ppl") or d_status["final_val_ppl"] >= target:
+        return None
+    kept = {int(CKPT_RE.match(p.name).group(1)) for where in ("snapshots", "checkpoints")
+            for p in list_checkpoints(dense.root / where)}
+    ppl = {}
+    for line in dense.metrics.read_text().splitlines():
+        row = json.loads(line)
+        if "val_ppl" in row and row["step"] in kept and 0 < row["step"] < int(d_status["step"]):
+            ppl[row["step"]] = row["val_ppl"]
+    if not ppl:
+        return None
+    step = min(ppl, key=lambda s: (abs(math.log(ppl[s]) - math.log(target)), -s))
+    return {"step": step, "dense_ppl": ppl[step], "pmp_ppl": target}
+
+
 def run_pipeline(cfg: RunConfig, out: str | Path, suite: str = "quick", tasks: str = "default",
                  seeds: int = 0, audit: bool = True, task_file: str = "", text_column: str = "text",
-                 label_column: str = "label", lm_file: str = "") -> Path:
+                 label_column: str = "label", lm_file: str = "", matched_baseline: bool = False) -> Path:
     from pmp.data.prepare import prepare
     from pmp.eval.attacks import get_suite
     from pmp.eval.report import write_report
@@ -80,6 +108,22 @@ def run_pipeline(cfg: RunConfig, out: str | Path, suite: str = "quick", tasks: s
         else:
             export_release(runs[method], target)
         releases[method] = target
+    matched = None
+    if matched_baseline:
+        _stage("export (quality-matched dense baseline)")
+        matched = matched_dense_step(runs["dense"], runs["pmp"])
+        target = out / "releases" / "dense_matched"
+        if matched is None:
+            print("[pipeline] no matched baseline: the dense run does not end better than PMP, or kept no earlier "
+                  "weights (set train.snapshot_every)")
+        elif (target / "config.json").is_file():
+            print(f"[pipeline] {target} exists; skipping")
+        else:
+            print(f"[pipeline] dense step {matched['step']} (held-out ppl {matched['dense_ppl']:.2f}) matches PMP's "
+                  f"final {matched['pmp_ppl']:.2f}")
+            export_release(runs["dense"], target, step=matched["step"])
+        if matched is not None:
+            releases["dense_matched"] = target
 
     # The audit comes first: its best recovered mask feeds the attack suite (recover-then-fine-tune).
     audit_md, recovered = None, {}
@@ -95,8 +139,8 @@ def run_pipeline(cfg: RunConfig, out: str | Path, suite: str = "quick", tasks: s
         recovered = {"pmp": str(out / "audit" / "recovered_mask")}
 
     _stage(f"attack (suite {suite})")
-    models = resolve_models({"pmp": str(releases["pmp"]), "dense": str(releases["dense"])},
-                            {"pmp": str(runs["pmp"])}, "dense", recovered=recovered)
+    models = resolve_models({name: str(path) for name, path in releases.items()}, {"pmp": str(runs["pmp"])},
+                            "dense", recovered=recovered, matched="dense_matched" if matched else "")
     task_list = resolve_tasks(tasks, cfg.data.cache_dir, task_file, text_column, label_column, lm_file)
     sweep = Sweep(models, task_list, suite_obj, out / "attack", seeds=seeds).run()
     _stage("report")
@@ -108,6 +152,8 @@ def run_pipeline(cfg: RunConfig, out: str | Path, suite: str = "quick", tasks: s
         f"- wall time: {(time.perf_counter() - t0) / 60:.1f} min (this call; finished stages were skipped)",
         *(f"- {m}: held-out perplexity {st[m].get('final_val_ppl', float('nan')):.2f} "
           f"(private run {runs[m]}, release {releases[m]})" for m in ("dense", "pmp")),
+        *([f"- dense_matched: the dense run at step {matched['step']}, held-out perplexity "
+           f"{matched['dense_ppl']:.2f} (release {releases['dense_matched']})"] if matched else []),
         f"- attack suite `{suite}`: {sweep['run']} cells run in {sweep['wall_seconds'] / 60:.1f} min "
         f"({sweep['skipped']} already done, {sweep['cells']} in the plan)",
         f"- attack report: {report}",

@@ -39,8 +39,11 @@ COMMITMENT_RE = re.compile(r"sha256\(salt \|\| mask fingerprint\) = `([0-9a-f]{6
 def export_release(run_dir: str | Path, out: str | Path, dtype: str = "fp32", overwrite: bool = False,
                    publish_density: bool = False, commitment: bool = False, max_shard_size: int | str = "2GB",
                    mask_bundle: str | Path | None = None, license: str = "apache-2.0",
-                   name: str | None = None) -> Path:
+                   name: str | None = None, step: int | None = None) -> Path:
     """Write the public release of the finished run `run_dir` to `out` (atomically) and return `out`.
+
+    `step`: release the weights the run kept at that earlier step (RUN/snapshots or RUN/checkpoints) instead of
+    the final model -- e.g. a dense baseline whose quality matches a PMP model's.
 
     Every input is checked before anything is written; a failure leaves `out` (and `mask_bundle`) untouched.
     """
@@ -56,6 +59,9 @@ def export_release(run_dir: str | Path, out: str | Path, dtype: str = "fp32", ov
     _check_target(out, run.root, overwrite, "--out")
     method = status.get("method", cfg.train.method)
     mask = PrivateMask.load(run.private) if method == "pmp" else None
+    weights = None
+    if step is not None:
+        weights, status = _earlier_state(run, status, mask, step)
     if mask is None and (commitment or mask_bundle or publish_density):
         raise ValueError(f"{run.root} is a {method} run without a mask: --commitment, --mask-bundle and "
                          "--publish-density need a PMP run")
@@ -70,7 +76,7 @@ def export_release(run_dir: str | Path, out: str | Path, dtype: str = "fp32", ov
 
     name = name or out.resolve().name
     with atomic_dir(out, overwrite=out.exists()) as tmp:
-        n_params, hf = _save_model(run.final, tmp, DTYPES[dtype], max_shard_size, name)
+        n_params, hf = _save_model(run.final, tmp, DTYPES[dtype], max_shard_size, name, weights)
         _save_tokenizer(run.final if (run.final / "tokenizer_config.json").is_file() else run.tokenizer, tmp)
         commit_hex = _commitment(run.private, mask) if commitment else None
         card = model_card(name=name, hf=hf, n_params=n_params, cfg=cfg, status=status, method=method, dtype=dtype,
@@ -103,6 +109,27 @@ def _check_run(run) -> tuple[dict, object]:
         raise ValueError(f"run {run.root} has no final model in {run.final}; finish it with "
                          f"`pmp pretrain --out {run.root} --resume`")
     return status, run.load_config()
+
+
+def _earlier_state(run, status: dict, mask, step: int) -> tuple[Path, dict]:
+    """The verified weights of an earlier `step`, and the status the model card should state for them."""
+    from pmp.train.checkpoint import weights_at_step
+
+    final_step = int(status.get("step", 0))
+    if not 0 < step < final_step:
+        raise ValueError(f"--step must be between 1 and {final_step - 1} (the run finished at step {final_step}; "
+                         f"export without --step for the final model), got {step}")
+    if mask is not None and step <= int(mask.meta.get("identification_step", 0)):
+        raise ValueError(f"--step {step}: the PMP run identified its mask at step {mask.meta['identification_step']};"
+                         " earlier weights were trained densely (and rewound), so they are not a PMP model")
+    weights = weights_at_step(run.root, step)
+    ppl = None
+    if run.metrics.is_file():
+        for line in run.metrics.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("step") == step and "val_ppl" in row:
+                ppl = row["val_ppl"]
+    return weights, {**status, "step": step, "final_val_ppl": ppl, "exported_step": step}
 
 
 def _inside(path: Path, parent: Path) -> bool:
@@ -138,10 +165,13 @@ def _check_target(target: Path, run_root: Path, overwrite: bool, flag: str, allo
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def _save_model(final: Path, tmp: Path, dtype: torch.dtype, max_shard_size, name: str):
+def _save_model(final: Path, tmp: Path, dtype: torch.dtype, max_shard_size, name: str, weights: Path | None = None):
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     model = AutoModelForCausalLM.from_pretrained(str(final), dtype=torch.float32)
+    if weights is not None:  # an earlier state of the same run: same architecture, every key present
+        model.load_state_dict(load_file(str(weights)), strict=True)
     model.to(dtype)
     model.config.dtype = dtype
     model.config._name_or_path = ""
@@ -292,7 +322,8 @@ def model_card(*, name: str, hf: dict, n_params: int, cfg, status: dict, method:
         f"{f', first {cfg.data.max_chars:,} characters' if cfg.data.max_chars else ''}: {steps:,} optimizer steps of "
         f"{t.batch_size} x {t.grad_accum} sequences of {cfg.data.seq_len} tokens, {tokens:,} tokens seen, "
         f"AdamW (lr {t.lr:g}, weight decay {t.weight_decay:g})."
-        + (f" Held-out perplexity at the end of training (a held-out split of the same corpus): {ppl:.2f}."
+        + (f" These are the weights after step {steps:,} of a longer run." if status.get("exported_step") else "")
+        + (f" Held-out perplexity of these weights (a held-out split of the same corpus): {ppl:.2f}."
            if ppl else ""), "",
     ]
     if method == "pmp":

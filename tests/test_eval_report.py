@@ -144,3 +144,19 @@ def test_best_attack_is_chosen_on_validation_not_test(tmp_path):
     cols = [c.strip() for c in row.strip("|").split("|")]
     # best (val-chosen) ratio 0.06 / 0.15 = 0.40; oracle ratio 0.20 / 0.15 = 1.33
     assert cols[-3:-1] == ["0.40", "1.33"], cols
+
+
+def test_matched_baseline_gets_its_own_ratio(tmp_path):
+    cs = classification_cells()
+    for s, (before, after) in enumerate([(0.54, 0.64), (0.56, 0.70)]):  # gains 0.10 / 0.14 -> mean 0.12
+        cs += [cell("dense_early", "matched", "sent", "probe", "probe", s, before, before),
+               cell("dense_early", "matched", "sent", "full", "full", s, before, after)]
+    agg = M.aggregate(M.load_cells(write(tmp_path, cs)))
+    assert M.gain_ratio(agg, "pmp", "dense_early", "sent", "full")["ratio"] == pytest.approx(0.5)
+    md = write_report(tmp_path / "res").read_text()
+    main = md.split("## Main table")[1].split("\n## ")[0]
+    header = next(r for r in main.splitlines() if r.startswith("| task "))
+    row = next(r for r in main.splitlines() if r.startswith("| sent "))
+    cols = dict(zip([c.strip() for c in header.strip("|").split("|")], [c.strip() for c in row.strip("|").split("|")]))
+    assert cols["gain ratio pmp (best)"] == "0.40" and cols["gain ratio pmp vs dense_early (best)"] == "0.50"
+    assert "| ratio pmp vs dense_early |" in md

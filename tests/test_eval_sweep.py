@@ -233,6 +233,13 @@ def test_bad_input_names_what_is_valid(runs, tmp_path):
         check_private_run(runs["pmp"] / "final")
     with pytest.raises(ValueError, match="no mask"):
         check_private_run(runs["dense"])
+    rels = {"pmp": str(runs["pmp"] / "final"), "dense": str(runs["dense"] / "final")}
+    with pytest.raises(ValueError, match="--matched 'dense_early' is not one of the models"):
+        resolve_models(rels, matched="dense_early")
+    with pytest.raises(ValueError, match="also the baseline"):
+        resolve_models(rels, baseline="dense", matched="dense")
+    roles = {m.name: m.role for m in resolve_models({**rels, "dense_early": rels["dense"]}, matched="dense_early")}
+    assert roles == {"pmp": "protected", "dense": "baseline", "dense_early": "matched", SCRATCH: "scratch"}
 
 
 def test_cli_errors_are_one_line_exit_2(runs, tmp_path, capsys):

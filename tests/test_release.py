@@ -37,7 +37,7 @@ def runs(tmp_path_factory):
             "model.intermediate_size": 64, "train.steps": 20, "train.threads": 1, "train.batch_size": 4,
             "train.warmup_steps": 3,
             "train.eval_every": 0, "train.eval_batches": 2, "train.log_every": 5, "train.ckpt_every": 0,
-            "train.progress": False, "pmp.min_warmup_steps": 10, "pmp.max_warmup_steps": 10,
+            "train.progress": False, "train.snapshot_every": 5, "pmp.min_warmup_steps": 10, "pmp.max_warmup_steps": 10,
             "pmp.density": DENSITY, "pmp.scorer": "random"}  # random scorer: an unstructured mask to search for
 
     def run(name, **extra):
@@ -299,6 +299,34 @@ def test_dense_release_card_and_audit(runs, dense_release):
     with pytest.raises(ValueError, match="without a mask"):
         export_release(runs.dense, runs.root / "never", commitment=True)
     assert not (runs.root / "never").exists()
+
+
+def test_export_an_earlier_step(runs, tmp_path):
+    """A quality-matched baseline: the weights a run kept at an earlier step, released like a final model."""
+    from pmp.train.checkpoint import CheckpointError
+
+    out = export_release(runs.dense, tmp_path / "dense_step10", step=10)
+    snap = load_file(str(runs.dense / "snapshots" / "step_00000010" / "model.safetensors"))
+    released = load_file(str(out / "model.safetensors"))
+    final = load_file(str(runs.dense / "final" / "model.safetensors"))
+    assert all(torch.equal(released[k], snap[k]) for k in released)
+    assert any(not torch.equal(released[k], final[k]) for k in released)  # really the earlier state
+    assert "after step 10 of a longer run" in (out / "README.md").read_text()
+    assert verify_release(out, runs.dense, load=False).ok
+    # a PMP run's snapshot after identification is a PMP model (complement at init); before it, it is not
+    pmp_out = export_release(runs.pmp, tmp_path / "pmp_step15", step=15)
+    assert verify_release(pmp_out, runs.pmp, load=False).ok
+    bad = {5: "identified its mask at step 10", 20: "between 1 and 19", 12: r"steps with weights: \[5, 10, 15, 20\]"}
+    for step, msg in bad.items():
+        with pytest.raises(ValueError, match=msg):
+            export_release(runs.pmp, tmp_path / f"never{step}", step=step)
+        assert not (tmp_path / f"never{step}").exists()
+    broken = Path(shutil.copytree(runs.dense, tmp_path / "broken"))
+    f = broken / "snapshots" / "step_00000010" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        export_release(broken, tmp_path / "never_broken", step=10)
+    assert not (tmp_path / "never_broken").exists()
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -4,6 +4,10 @@ Layout of RUN/checkpoints/step_00000100/:
   model.safetensors   dense weights (the stock state dict)
   state.pt            optimizer, data position, RNG states, phase state (identification / mask / compact state)
   manifest.json       step and the sha256 of every file above -- written last, so its presence marks completeness
+
+Weight snapshots (`train.snapshot_every`), RUN/snapshots/step_00000100/: model.safetensors + manifest.json only,
+never deleted: the earlier states of a run, e.g. the dense state whose quality matches a PMP model's
+(`pmp export --step`, the pipeline's `--matched-baseline`).
 """
 
 from __future__ import annotations
@@ -56,6 +60,38 @@ def save_checkpoint(ckpt_root: Path, step: int, model_state: dict[str, torch.Ten
     for old in list_checkpoints(ckpt_root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def save_snapshot(snap_root: Path, step: int, model_state: dict[str, torch.Tensor]) -> Path:
+    """Write the weights of `step` atomically (no optimizer state: not resumable, only exportable)."""
+    target = snap_root / f"step_{step:08d}"
+    with atomic_dir(target, overwrite=True) as tmp:
+        save_file({k: v.detach().contiguous().cpu().clone() for k, v in model_state.items()},
+                  str(tmp / "model.safetensors"))
+        write_json(tmp / "manifest.json", {"step": step, "sha256": {"model.safetensors":
+                                                                    sha256_file(tmp / "model.safetensors")},
+                                           "format": 1, "kind": "snapshot"})
+    return target
+
+
+def weights_at_step(run_root: Path, step: int) -> Path:
+    """The verified model.safetensors of `step`, from RUN/snapshots or RUN/checkpoints; a clear error otherwise."""
+    run_root = Path(run_root)
+    for where in ("snapshots", "checkpoints"):
+        d = run_root / where / f"step_{step:08d}"
+        if (d / "manifest.json").is_file():
+            try:
+                digest = json.loads((d / "manifest.json").read_text())["sha256"]["model.safetensors"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{d}/manifest.json is corrupt ({e})") from None
+            f = d / "model.safetensors"
+            if not f.is_file() or sha256_file(f) != digest:
+                raise CheckpointError(f"{f} is missing, corrupt or truncated (sha256 mismatch)")
+            return f
+    have = sorted(int(CKPT_RE.match(p.name).group(1)) for where in ("snapshots", "checkpoints")
+                  for p in list_checkpoints(run_root / where))
+    raise ValueError(f"{run_root} kept no weights of step {step}; steps with weights: {have or 'none'} "
+                     "(train with train.snapshot_every to keep earlier states)")
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:

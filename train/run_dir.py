@@ -99,10 +99,21 @@ def open_run(out: str | Path, cfg: RunConfig, resume: bool) -> RunDir:
     return run
 
 
+# Settings that say how a run is watched and kept, not what it trains: they may differ between a run and a config
+# that would reproduce it.
+BOOKKEEPING = {"train": ("progress", "tensorboard", "log_every", "eval_every", "eval_batches", "ckpt_every",
+                         "keep_last", "snapshot_every", "threads")}
+
+
 def config_difference(run: RunDir, cfg: RunConfig) -> str:
-    """'' when `cfg` is the config `run` was started with, else the differing keys. A dense run ignores the `pmp`
-    section (it never reads it), so changing PMP settings does not invalidate a finished dense baseline."""
+    """'' when `cfg` trains what `run` was started with, else the differing keys. Bookkeeping settings are
+    ignored, and a dense run ignores the `pmp` section (it never reads it), so changing PMP settings does not
+    invalidate a finished dense baseline."""
     saved, new = to_dict(run.load_config()), to_dict(cfg)
+    for d in (saved, new):
+        for section, keys in BOOKKEEPING.items():
+            for k in keys:
+                d[section].pop(k, None)
     if saved["train"]["method"] == "dense" and new["train"]["method"] == "dense":
         saved.pop("pmp"), new.pop("pmp")
     return _diff(saved, new) if saved != new else ""

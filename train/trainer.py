@@ -24,7 +24,14 @@ from pmp.mask import PrivateMask
 from pmp.masked_optim import MaskedAdamW
 from pmp.masked_state import MaskedModel
 from pmp.model import build_model, count_parameters, draw_init_seed, hf_config
-from pmp.train.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pmp.train.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    save_snapshot,
+    set_rng_state,
+)
 from pmp.train.logger import RunLogger, memory_mb
 from pmp.train.run_dir import RunDir, initialize_run, open_run
 from pmp.train.schedule import lr_at
@@ -224,6 +231,8 @@ class Trainer:
                 window_loss, window_steps, t0, toks = 0.0, 0, time.perf_counter(), 0
             if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
                 self._evaluate()
+            if t.snapshot_every and self.step % t.snapshot_every == 0 and self.step < t.steps:
+                save_snapshot(self.run.root / "snapshots", self.step, self.model.state_dict())
             if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps:
                 self._save_checkpoint()
         self._finish()
