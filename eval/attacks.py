@@ -192,16 +192,16 @@ for _kind in ("random_mask", "authorized", "recovered_mask"):
 
 # The quick suite: one attack of every kind, 2 seeds, every default task, on budgets cut so that `small` releases
 # finish on 2 CPU cores in under 30 minutes (measured: see README). The cuts against the full suite's budgets:
-# one full fine-tune (AdamW + cosine; SGD, Adam, Adagrad and the lr grid are in `full`), 80 classification steps
-# on texts truncated to 48 tokens, 100 LM steps on 64-token blocks. Test sets are NOT cut (500 examples, 64 blocks):
-# they set the noise floor of every comparison.
+# one full fine-tune (AdamW + cosine; SGD, Adam, Adagrad and the lr grid are in `full`), 60 classification steps
+# on texts truncated to 48 tokens with 400 test examples, 80 LM steps on 64-token blocks (64 test blocks). A first
+# cut (80 / 100 steps, 500 test examples) measured ~34 min on small releases.
 QUICK = ("probe", "full_adamw_3e-4_cos", "lora_r8_1e-3_cos", "norm_bias_1e-3_cos", "random_mask_1e-3_cos",
          "authorized_1e-3_cos", "recovered_mask_1e-3_cos")
 SUITES: dict[str, Suite] = {
     "quick": Suite("quick", tuple(get_attack(n) for n in QUICK),
-                   classification=Budget(steps=80, max_len=48, max_train=1280, eval_every=40),
-                   lm=Budget(steps=100, batch_size=8, max_len=64, max_train=800, max_val=32, max_test=64,
-                             eval_every=50),
+                   classification=Budget(steps=60, max_len=48, max_train=960, max_test=400, eval_every=30),
+                   lm=Budget(steps=80, batch_size=8, max_len=64, max_train=640, max_val=32, max_test=64,
+                             eval_every=40),
                    description="one attack of every kind, 2 seeds, every default task; budgets cut for CPU"),
     "full": Suite("full", tuple(ATTACKS.values()), seeds=3, description="the whole registered grid, 3 seeds"),
 }
