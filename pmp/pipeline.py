@@ -59,7 +59,7 @@ def matched_dense_step(dense_run: Path, pmp_run: Path) -> dict | None:
     from pmp.train.checkpoint import CKPT_RE, list_checkpoints
     from pmp.train.run_dir import RunDir
 
-    dense, pmp = RunDir(dense_run), RunDir(pmp_run)
+    dense, pmp = RunDir(Path(dense_run)), RunDir(Path(pmp_run))
     target = pmp.read_status().get("final_val_ppl")
     d_status = dense.read_status()
     if not target or not d_status.get("final_val_ppl") or d_status["final_val_ppl"] >= target:
