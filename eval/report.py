@@ -25,6 +25,18 @@ def _ms(s: dict, nd: int = 3) -> str:
     return _f(s["mean"], nd) if s["n"] < 2 else f"{_f(s['mean'], nd)} ± {_f(s['std'], nd)}"
 
 
+def _ratio_cell(r: float | None, valid: bool | None) -> str:
+    """A ratio for the table, flagged where the task is not valid (such ratios are never averaged)."""
+    return _f(r, 2) + ("" if valid or r is None else " (invalid)")
+
+
+def _best_ratio(agg: dict, protected: str, reference: str, task: str, by: str) -> float | None:
+    """Mean gain of the protected model's best attack / that of the reference model's (each chosen `by`)."""
+    bp = M.best_attack(agg, protected, task, by=by)
+    br = M.best_attack(agg, reference, task, by=by) if reference else None
+    return M.ratio(bp["gain"]["mean"], br["gain"]["mean"]) if bp and br else None
+
+
 def _valid_tag(v: dict) -> str:
     return {True: "valid", False: "**INVALID**", None: "unknown"}[v["valid"]]
 
@@ -92,22 +104,15 @@ def write_report(results_dir: str | Path, out: str | Path | None = None, baselin
             b = M.best_attack(agg, m, t)
             row.append(f"{_ms(b['after'])} ({_f(b['gain']['mean'])}) `{b['attack']}`" if b else "n/a")
         for p in prot:
-            bp, bb = M.best_attack(agg, p, t), M.best_attack(agg, base, t) if base else None
-            r = M.ratio(bp["gain"]["mean"], bb["gain"]["mean"]) if bp and bb else None
+            r = _best_ratio(agg, p, base, t, "val")
             if r is not None and v["valid"]:
                 valid_ratios[p].append(r)
-            row.append(_f(r, 2) + ("" if v["valid"] or r is None else " (invalid)"))
-        for p in prot:
-            bp, bb = M.best_attack(agg, p, t, by="test"), M.best_attack(agg, base, t, by="test") if base else None
-            r = M.ratio(bp["gain"]["mean"], bb["gain"]["mean"]) if bp and bb else None
-            row.append(_f(r, 2) + ("" if v["valid"] or r is None else " (invalid)"))
-        for p in prot if matched else []:
-            bp, bm = M.best_attack(agg, p, t), M.best_attack(agg, matched, t)
-            r = M.ratio(bp["gain"]["mean"], bm["gain"]["mean"]) if bp and bm else None
-            row.append(_f(r, 2) + ("" if v["valid"] or r is None else " (invalid)"))
+            row.append(_ratio_cell(r, v["valid"]))
+        row += [_ratio_cell(_best_ratio(agg, p, base, t, "test"), v["valid"]) for p in prot]
+        row += [_ratio_cell(_best_ratio(agg, p, matched, t, "val"), v["valid"]) for p in prot if matched]
         for p in prot:
             ar = M.authorized_recovery(agg, p, base, t) if base else {"recovery": None}
-            row.append(_f(ar["recovery"], 2) + ("" if v["valid"] or ar["recovery"] is None else " (invalid)"))
+            row.append(_ratio_cell(ar["recovery"], v["valid"]))
         L.append("| " + " | ".join(row) + " |")
     L.append("")
     for p in prot:

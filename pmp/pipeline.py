@@ -53,10 +53,9 @@ def matched_dense_step(dense_run: Path, pmp_run: Path) -> dict | None:
     """The earlier state of the dense run whose held-out loss is closest to the PMP run's final one, among the
     steps whose weights the run kept (snapshots, checkpoints); None when the dense run does not end better than
     PMP (then its final model is already the matched or a weaker baseline) or kept no earlier weights."""
-    import json
     import math
 
-    from pmp.train.checkpoint import CKPT_RE, list_checkpoints
+    from pmp.train.checkpoint import kept_weight_steps
     from pmp.train.run_dir import RunDir
 
     dense, pmp = RunDir(Path(dense_run)), RunDir(Path(pmp_run))
@@ -64,13 +63,8 @@ def matched_dense_step(dense_run: Path, pmp_run: Path) -> dict | None:
     d_status = dense.read_status()
     if not target or not d_status.get("final_val_ppl") or d_status["final_val_ppl"] >= target:
         return None
-    kept = {int(CKPT_RE.match(p.name).group(1)) for where in ("snapshots", "checkpoints")
-            for p in list_checkpoints(dense.root / where)}
-    ppl = {}
-    for line in dense.metrics.read_text().splitlines():
-        row = json.loads(line)
-        if "val_ppl" in row and row["step"] in kept and 0 < row["step"] < int(d_status["step"]):
-            ppl[row["step"]] = row["val_ppl"]
+    kept = set(kept_weight_steps(dense.root))
+    ppl = {s: p for s, p in dense.val_ppl_by_step().items() if s in kept and 0 < s < int(d_status["step"])}
     if not ppl:
         return None
     step = min(ppl, key=lambda s: (abs(math.log(ppl[s]) - math.log(target)), -s))

@@ -123,12 +123,7 @@ def _earlier_state(run, status: dict, mask, step: int) -> tuple[Path, dict]:
         raise ValueError(f"--step {step}: the PMP run identified its mask at step {mask.meta['identification_step']};"
                          " earlier weights were trained densely (and rewound), so they are not a PMP model")
     weights = weights_at_step(run.root, step)
-    ppl = None
-    if run.metrics.is_file():
-        for line in run.metrics.read_text().splitlines():
-            row = json.loads(line)
-            if row.get("step") == step and "val_ppl" in row:
-                ppl = row["val_ppl"]
+    ppl = run.val_ppl_by_step().get(step)
     return weights, {**status, "step": step, "final_val_ppl": ppl, "exported_step": step}
 
 

@@ -62,6 +62,13 @@ class RunDir:
             raise FileNotFoundError(f"{self.root} is not a pmp run directory (no run.json)")
         return json.loads(self.status.read_text())
 
+    def val_ppl_by_step(self) -> dict[int, float]:
+        """Held-out perplexity of every evaluation in metrics.jsonl, by step (empty when there is none)."""
+        if not self.metrics.is_file():
+            return {}
+        rows = (json.loads(line) for line in self.metrics.read_text().splitlines())
+        return {r["step"]: r["val_ppl"] for r in rows if "val_ppl" in r}
+
     def write_status(self, **fields) -> None:
         cur = self.read_status() if self.status.is_file() else {}
         cur.update(fields)
