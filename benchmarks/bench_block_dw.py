@@ -60,7 +60,7 @@ def main() -> None:
                 "dense+gather ms": t_ref,
             }
             if impl == "triton":
-                from pmp.kernels.sddmm import masked_weight_grad_unstructured
+                from pmp.kernels.sddmm import masked_weight_grad_unstructured  # noqa: PLC0415 - lazy Triton
 
                 ours = lambda layout=layout: masked_weight_grad(dy, x, layout)  # noqa: E731
                 torch.testing.assert_close(ours(), reference.masked_weight_grad(dy, x, layout), rtol=2e-2,

@@ -11,12 +11,13 @@ import datetime
 import json
 import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from pmp.provenance import git_commit
 
 RESULTS = Path(__file__).resolve().parent / "results.jsonl"
 
@@ -31,19 +32,10 @@ def device_name(dev: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=RESULTS.parent, capture_output=True, text=True,
-                             timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def bench_ms(fn: Callable[[], object], dev: torch.device, reps: int = 50, warmup: int = 5) -> float:
     """Median milliseconds of ``fn()``."""
     if dev.type == "cuda":
-        import triton.testing
+        import triton.testing  # noqa: PLC0415 - lazy Triton: CPU runs never import it
 
         return float(triton.testing.do_bench(fn, warmup=25, rep=max(100, reps), return_mode="median"))
     for _ in range(warmup):

@@ -32,6 +32,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from pmp.typed_config import load_yaml_mapping
+
 KINDS = ("probe", "full", "lora", "norm_bias", "random_mask", "authorized", "recovered_mask")
 OPTIMIZERS = ("adamw", "adam", "sgd", "adagrad")
 SCHEDULES = ("constant", "cosine")
@@ -141,8 +143,9 @@ class Suite:
         return self
 
 
-def fingerprint(obj) -> str:
-    """Short sha256 of a JSON-able object: results computed under another definition are recomputed."""
+def config_digest(obj) -> str:
+    """Short sha256 of a JSON-able object (an attack, a budget, a cell's inputs): a result whose recorded digest
+    differs was computed under another definition and is recomputed."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -225,8 +228,6 @@ def load_suite_file(path: str | Path) -> Suite:
       classification: {steps: 100}      # Budget fields; omitted ones keep their defaults
       lm: {steps: 100, batch_size: 8}
     An attack given as a mapping is registered (so later suites can name it) and used."""
-    from pmp.config import load_yaml_mapping
-
     p = Path(path)
     raw = load_yaml_mapping(p, "suite file", " (a YAML mapping with an 'attacks' list)")
     unknown = sorted(set(raw) - {"name", "seeds", "attacks", "classification", "lm", "mask_density", "description",
@@ -261,5 +262,5 @@ def load_suite_file(path: str | Path) -> Suite:
                  float(raw.get("mask_density", base.mask_density)), raw.get("description", "")).validate()
 
 
-__all__ = ["ATTACKS", "Attack", "Budget", "KINDS", "SUITES", "Suite", "fingerprint", "get_attack",
+__all__ = ["ATTACKS", "Attack", "Budget", "KINDS", "SUITES", "Suite", "config_digest", "get_attack",
            "get_suite", "load_suite_file", "register"]

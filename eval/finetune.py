@@ -20,12 +20,15 @@ import time
 import torch
 
 from pmp.eval.attacks import Attack, Budget
-from pmp.eval.probes import DIRECTION, METRIC, PreparedTask, TrainBatches, evaluate, features, head_names
-from pmp.train.schedule import lr_at
-
-
-def better(a: float, b: float, direction: str) -> bool:
-    return a > b if direction == "higher" else a < b
+from pmp.eval.evaluate import evaluate, features
+from pmp.eval.metrics import better
+from pmp.eval.models import head_names
+from pmp.eval.task_batches import TrainBatches
+from pmp.eval.task_data import DIRECTION, METRIC, PreparedTask
+from pmp.kernels import MaskLayout
+from pmp.masked_state import MaskedModel
+from pmp.schedule import lr_at
+from pmp.weight_decay import decay_groups, decays, param_groups
 
 
 def select_by_validation(curve: list[dict], metric: str, direction: str) -> dict:
@@ -55,8 +58,6 @@ def lr_for(attack: Attack, step: int, steps: int) -> float:
 
 def random_layouts(model: torch.nn.Module, density: float, seed: int, exclude: set[str]) -> dict:
     """A random mask of the given density over every base parameter (not the new head): the attacker's guess."""
-    from pmp.kernels import MaskLayout
-
     g = torch.Generator().manual_seed(seed * 1_000_003 + 17)
     return {n: MaskLayout.from_bool(torch.rand(p.shape, generator=g) < density)
             for n, p in model.named_parameters() if n not in exclude}
@@ -70,15 +71,13 @@ class _Trainables:
         heads = head_names(model, task_kind)
         kind = attack.kind
         if kind == "lora":
-            from peft import LoraConfig, get_peft_model
+            from peft import LoraConfig, get_peft_model  # noqa: PLC0415 - heavy; only LoRA attacks need it
 
             cfg = LoraConfig(r=attack.lora_r, lora_alpha=attack.lora_alpha, target_modules="all-linear",
                              lora_dropout=0.0, modules_to_save=sorted({h.split(".")[0] for h in heads}) or None,
                              task_type="CAUSAL_LM" if task_kind == "lm" else "SEQ_CLS")
             self.model = get_peft_model(model, cfg)
         elif kind in ("random_mask", "authorized", "recovered_mask"):
-            from pmp.masked_state import MaskedModel
-
             if not mask_layouts:
                 raise ValueError(f"attack {attack.name} ({kind}) needs a mask")
             named = dict(model.named_parameters())
@@ -97,20 +96,17 @@ class _Trainables:
             for n, p in model.named_parameters():
                 p.requires_grad_(kind == "full" or n in heads or (kind == "norm_bias" and p.dim() < 2))
         if self.masked is not None:
-            decay = [t.compact for t in self.masked.tensors if t.dense.dim() >= 2]
-            no_decay = [t.compact for t in self.masked.tensors if t.dense.dim() < 2]
             extra = [p for n, p in model.named_parameters() if n in heads or n in self.uncovered]
-            decay += [p for p in extra if p.dim() >= 2]
-            no_decay += [p for p in extra if p.dim() < 2]
+            decay = [t.compact for t in self.masked.tensors if decays(t.dense)] + [p for p in extra if decays(p)]
+            no_decay = [t.compact for t in self.masked.tensors if not decays(t.dense)]
+            no_decay += [p for p in extra if not decays(p)]
+            self.groups = decay_groups(decay, no_decay, attack.weight_decay)
             self.n_trainable = self.masked.masked_count() + sum(p.numel() for p in extra)
         else:
             params = [p for p in self.model.parameters() if p.requires_grad]
-            decay = [p for p in params if p.dim() >= 2]
-            no_decay = [p for p in params if p.dim() < 2]
+            self.groups = param_groups(params, attack.weight_decay)
             self.n_trainable = sum(p.numel() for p in params)
-        self.groups = [{"params": decay, "weight_decay": attack.weight_decay},
-                       {"params": no_decay, "weight_decay": 0.0}]
-        self.params = decay + no_decay
+        self.params = self.groups[0]["params"] + self.groups[1]["params"]
         if not self.params:
             raise ValueError(f"attack {attack.name}: nothing to train on this model")
 

@@ -62,7 +62,7 @@ def backend(*tensors: torch.Tensor) -> str:
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """bool mask (any shape, 2-D view as in MaskLayout) -> int32 words [rows, ceil(cols / 32)]."""
     if backend(mask) == "triton":
-        from .bitmask import pack_mask as impl
+        from .bitmask import pack_mask as impl  # noqa: PLC0415 - lazy Triton: the CPU path never imports the kernels
     else:
         impl = reference.pack_mask
     return impl(mask)
@@ -71,7 +71,7 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 def unpack_mask(words: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """int32 words [rows, ceil(cols / 32)] -> bool [rows, cols]."""
     if backend(words) == "triton":
-        from .bitmask import unpack_mask as impl
+        from .bitmask import unpack_mask as impl  # noqa: PLC0415 - lazy Triton: the CPU path never imports the kernels
     else:
         impl = reference.unpack_mask
     return impl(words, rows, cols)
@@ -80,7 +80,7 @@ def unpack_mask(words: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 def row_popcount(words: torch.Tensor) -> torch.Tensor:
     """Masked entries per row of packed words: int32 [rows]."""
     if backend(words) == "triton":
-        from .bitmask import row_popcount as impl
+        from .bitmask import row_popcount as impl  # noqa: PLC0415 - lazy Triton: the CPU path never imports the kernels
     else:
         impl = reference.row_popcount
     return impl(words)
@@ -93,7 +93,7 @@ def masked_weight_grad(dy: torch.Tensor, x: torch.Tensor, layout: MaskLayout) ->
     for fp32/fp16/bf16 inputs. The Triton path never allocates a dense dW; block layouts skip empty tiles.
     """
     if backend(dy, x) == "triton":
-        from .sddmm import masked_weight_grad as impl
+        from .sddmm import masked_weight_grad as impl  # noqa: PLC0415 - lazy Triton: the CPU path never imports the kernels
     else:
         impl = reference.masked_weight_grad
     return impl(dy, x, layout)
@@ -102,7 +102,7 @@ def masked_weight_grad(dy: torch.Tensor, x: torch.Tensor, layout: MaskLayout) ->
 def gather_compact(dense: torch.Tensor, layout: MaskLayout, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Masked entries of ``dense`` in canonical order: [nnz], dtype ``dtype`` (default dense.dtype)."""
     if backend(dense) == "triton":
-        from .routing import gather_compact as impl
+        from .routing import gather_compact as impl  # noqa: PLC0415 - lazy Triton: the CPU path never imports the kernels
     else:
         impl = reference.gather_compact
     return impl(dense, layout, dtype=dtype)
@@ -114,7 +114,7 @@ def scatter_compact_(dense: torch.Tensor, values: torch.Tensor, layout: MaskLayo
     Entries outside the mask are not written (bit-identical before and after).
     """
     if backend(dense, values) == "triton":
-        from .routing import scatter_compact_ as impl
+        from .routing import scatter_compact_ as impl  # noqa: PLC0415 - lazy Triton: the CPU path never imports the kernels
     else:
         impl = reference.scatter_compact_
     return impl(dense, values, layout)
@@ -144,7 +144,7 @@ def masked_adamw_(
     Returns ``dense``.
     """
     if backend(dense, grad) == "triton":
-        from .masked_adamw import masked_adamw_ as impl
+        from .masked_adamw import masked_adamw_ as impl  # noqa: PLC0415 - lazy Triton: the CPU path never imports the kernels
     else:
         impl = reference.masked_adamw_
     return impl(

@@ -1,30 +1,19 @@
-"""Typed run configuration: dataclasses, YAML loading, ``--set a.b=value`` overrides, validation.
+"""The recipes of the core verbs: `RunConfig` (`pmp pretrain`: data, tokenizer, model, train, pmp) and
+`ExportConfig` (`pmp export`).
 
-Every field carries a one-line doc (with units) in its metadata; ``pmp <verb> --help`` prints them all.
-A misspelled key is an error naming the closest valid key, a value of the wrong type is an error naming the
-field and the expected type -- never a silent default.
+Every field carries a one-line doc (with units) in its metadata; ``pmp <verb> --help`` prints them all. Loading,
+overrides and error messages come from `pmp.typed_config`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
-import typing
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-
-def doc(text: str, default: Any = dataclasses.MISSING, **kw):
-    """A dataclass field with a help line attached."""
-    if default is dataclasses.MISSING and "default_factory" not in kw:
-        raise TypeError("doc() needs a default")
-    if default is dataclasses.MISSING:
-        return field(metadata={"doc": text}, **kw)
-    return field(default=default, metadata={"doc": text}, **kw)
+from pmp.presets import PRESETS
+from pmp.typed_config import check as _check
+from pmp.typed_config import doc, from_dict, load_typed
 
 
 @dataclass
@@ -130,8 +119,6 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         """Raise ValueError with an actionable sentence for any nonsense value."""
-        from pmp.presets import PRESETS  # local: presets import transformers lazily
-
         d, t, m, p = self.data, self.train, self.model, self.pmp
         _check(d.seq_len >= 8, "data.seq_len must be >= 8 tokens, got {}", d.seq_len)
         _check(0 < d.val_fraction < 0.5, "data.val_fraction must be in (0, 0.5), got {}", d.val_fraction)
@@ -184,159 +171,45 @@ class RunConfig:
 SCORERS = ("grad", "weight", "weight_grad", "random")
 
 
-def _check(ok: bool, msg: str, *args) -> None:
-    if not ok:
-        raise ValueError(msg.format(*args))
+RELEASE_DTYPES = ("fp32", "bf16")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Generic dataclass <-> dict machinery
+@dataclass
+class ExportConfig:
+    run: str = doc("the private run directory to release (the --out of `pmp pretrain`)", "")
+    out: str = doc("release directory to create (refused if non-empty unless overwrite)", "")
+    dtype: str = doc("weight dtype of the release: fp32 | bf16", "fp32")
+    overwrite: bool = doc("replace an existing release (only once the new one is complete)", False)
+    publish_density: bool = doc("state the mask density in the model card (off by default: it tells an attacker "
+                                "how many entries were trained)", False)
+    commitment: bool = doc("publish sha256(salt || mask fingerprint) in the card; the salt stays in "
+                           "RUN/private/commitment.json (see `pmp prove-ownership`)", False)
+    mask_bundle: str = doc("also copy the private mask files to this directory (must lie outside the release; "
+                           "'' = no copy)", "")
+    license: str = doc("license field of the model card (SPDX-style identifier)", "apache-2.0")
+    max_shard_size: str = doc("shard the weights above this size (e.g. 2GB, 500MB)", "2GB")
+    step: int | None = doc("release the weights the run kept at this earlier step (RUN/snapshots, "
+                           "RUN/checkpoints), e.g. a dense baseline matched to a PMP model's quality; null = final",
+                           None)
+    name: str = doc("model name in the card ('' = the release directory's name)", "")
+    report: str = doc("a `pmp report` output directory of THIS release: its main table goes into the card under "
+                      "Evaluation ('' = the card says no evaluation is stated)", "")
 
-
-def field_docs(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """(dotted key, type name, default, doc) for every leaf field, for --help."""
-    rows = []
-    inst = cls()
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}{f.name}"
-        val = getattr(inst, f.name)
-        if dataclasses.is_dataclass(val):
-            rows += field_docs(type(val), key + ".")
-        else:
-            rows.append((key, _type_name(f.type), val, f.metadata.get("doc", "")))
-    return rows
-
-
-def _resolved_types(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _type_name(tp) -> str:
-    return str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp, key: str) -> Any:
-    """Check/convert a YAML or CLI value to the field's declared type."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key)
-            except ValueError as e:
-                errors.append(str(e))
-        raise ValueError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ValueError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ValueError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ValueError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ValueError(f"{key}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ValueError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ValueError(f"{key}: expected a string, got {value!r}")
-    raise TypeError(f"unsupported config type {tp} for {key}")
-
-
-def _unknown_key(key: str, valid: list[str]) -> ValueError:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
-    return ValueError(f"unknown config key {key!r}{hint}")
-
-
-def _apply(obj, data: dict, prefix: str = "") -> None:
-    hints = _resolved_types(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
-    all_keys = [prefix + n for n in names]
-    for k, v in data.items():
-        key = f"{prefix}{k}"
-        if k not in names:
-            raise _unknown_key(key, all_keys)
-        cur = getattr(obj, k)
-        if dataclasses.is_dataclass(cur):
-            if not isinstance(v, dict):
-                raise ValueError(f"{key}: expected a section (mapping), got {v!r}")
-            _apply(cur, v, key + ".")
-        else:
-            setattr(obj, k, _coerce(v, hints[k], key))
+    def validate(self) -> ExportConfig:
+        _check(bool(self.run), "export needs the run directory (pmp export RUN --out RELEASE)")
+        _check(bool(self.out), "export needs --out RELEASE (the release directory to create)")
+        _check(self.dtype in RELEASE_DTYPES, "dtype must be one of {}, got {!r}", list(RELEASE_DTYPES), self.dtype)
+        _check(bool(re.match(r"^[A-Za-z0-9.+-]+$", self.license or "")),
+               "license must be an SPDX-style identifier such as apache-2.0 or mit, got {!r}", self.license)
+        _check(self.step is None or self.step >= 1, "step must be >= 1 (or null for the final model), got {}",
+               self.step)
+        return self
 
 
 def config_from_dict(data: dict) -> RunConfig:
-    cfg = RunConfig()
-    _apply(cfg, data or {})
-    return cfg
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """'train.lr=1e-3' -> (['train', 'lr'], 1e-3) with YAML scalar parsing of the value."""
-    if "=" not in text:
-        raise ValueError(f"--set expects key.sub=value, got {text!r}")
-    key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
-    return key.strip().split("."), value
-
-
-def load_yaml_mapping(path: str | Path, what: str, hint: str = "") -> dict:
-    """A YAML file that must hold a mapping; clear errors for a missing file, bad YAML or another shape."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{what} not found: {p}{hint}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{what} {p} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{what} {p} must hold a mapping, got {type(data).__name__}")
-    return data
+    return from_dict(RunConfig, data)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """YAML file (optional) + --set overrides -> validated RunConfig."""
-    data = {} if path is None else load_yaml_mapping(path, "config file", " (see configs/ for recipes)")
-    for ov in overrides:
-        keys, value = parse_override(ov)
-        node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"--set {ov}: {k} is not a section")
-        node[keys[-1]] = value
-    return config_from_dict(data).validate()
-
-
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def dump_yaml(cfg) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return load_typed(RunConfig, path, overrides)

@@ -75,6 +75,11 @@ class PrivateMask:
     def to_bool(self) -> dict[str, torch.Tensor]:
         return {n: lay.to_bool() for n, lay in self.layouts.items()}
 
+    def overlap(self, other: PrivateMask) -> int:
+        """Entries masked in both (over the tensors both cover): precision = overlap / nnz of the guess."""
+        return sum(int((lay.to_bool() & other.layouts[n].to_bool()).sum())
+                   for n, lay in self.layouts.items() if n in other.layouts)
+
     # ------------------------------------------------------------------ checks
     def check_matches(self, model: torch.nn.Module) -> None:
         """Raise ValueError unless every mask name is a model parameter of the same shape."""
@@ -133,14 +138,28 @@ class PrivateMask:
         return mask
 
 
-_KINDS = (("embed", "embeddings"), ("wte", "embeddings"), ("wpe", "embeddings"), ("lm_head", "lm_head"),
-          ("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_o"),
-          ("c_attn", "attn_qkv"), ("attn.c_proj", "attn_o"), ("mlp", "mlp"), ("norm", "norms"), ("ln_", "norms"))
+TENSOR_KINDS = ("embeddings", "attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv", "mlp", "norms", "lm_head", "biases",
+                "other")
 
 
 def tensor_kind(name: str) -> str:
-    """A coarse kind for a parameter name of the stock Llama / GPT-2 layouts (for reports)."""
-    for key, kind in _KINDS:
-        if key in name:
-            return kind
+    """The kind of a parameter of the stock Llama / GPT-2 layouts (one of TENSOR_KINDS), for reports and audits."""
+    n = name.lower()
+    if "lm_head" in n:
+        return "lm_head"
+    if "embed" in n or n.endswith(("wte.weight", "wpe.weight")):
+        return "embeddings"
+    if "norm" in n or ".ln_" in n or "ln_f" in n:
+        return "norms"
+    if n.endswith(".bias"):
+        return "biases"
+    for k in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        if k in n:
+            return f"attn_{k[0]}"
+    if "c_attn" in n:
+        return "attn_qkv"
+    if "attn.c_proj" in n:
+        return "attn_o"
+    if "mlp" in n:
+        return "mlp"
     return "other"

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pmp.kernels import MaskLayout, gather_compact, masked_weight_grad, scatter_compact_
+from pmp.weight_decay import decay_groups, decays
 
 
 class MaskedLinearFunction(torch.autograd.Function):
@@ -118,12 +119,11 @@ class MaskedModel:
             self.tensors.append(MaskedTensor(name, p, compact, layout, path, master))
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: decay on entries of >= 2-D tensors, none on norms and biases (same rule as dense)."""
-        decay = [t.compact for t in self.tensors if t.dense.dim() >= 2]
-        decay += [p for p in self.dense_trained.values() if p.dim() >= 2]
-        no_decay = [t.compact for t in self.tensors if t.dense.dim() < 2]
-        no_decay += [p for p in self.dense_trained.values() if p.dim() < 2]
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        """AdamW groups: a compact tensor decays when its dense tensor does (pmp/weight_decay.py)."""
+        dense = list(self.dense_trained.values())
+        decay = [t.compact for t in self.tensors if decays(t.dense)] + [p for p in dense if decays(p)]
+        no_decay = [t.compact for t in self.tensors if not decays(t.dense)] + [p for p in dense if not decays(p)]
+        return decay_groups(decay, no_decay, weight_decay)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [t.compact for t in self.tensors] + list(self.dense_trained.values())

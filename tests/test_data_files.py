@@ -2,6 +2,8 @@
 
 import json
 
+import datasets
+import pandas as pd
 import pytest
 
 from pmp.config import DataConfig
@@ -32,8 +34,6 @@ def test_chunk_text():
 
 
 def test_load_text_files_all_formats(tmp_path):
-    import pandas as pd
-
     (tmp_path / "a.txt").write_text(_paras(2000, tag="a"))
     (tmp_path / "b.jsonl").write_text("".join(json.dumps({"body": f"row {i}"}) + "\n" for i in range(3)))
     pd.DataFrame({"body": ["c0", "", "c2"]}).to_csv(tmp_path / "c.csv", index=False)
@@ -140,8 +140,6 @@ def test_load_documents_local_files(tmp_path):
 
 
 def test_hub_corpus_errors_and_rows(monkeypatch):
-    import datasets
-
     def offline(name, split):
         raise ConnectionError("no network")
 

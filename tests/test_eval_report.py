@@ -6,6 +6,7 @@ import math
 import pytest
 
 from pmp.eval import metrics as M
+from pmp.eval.config import ReportConfig
 from pmp.eval.report import write_report
 
 BUDGET = {"steps": 100, "batch_size": 16, "max_train": 1000, "max_len": 64}
@@ -79,7 +80,7 @@ def test_validity_flag_and_invalid_tasks_are_not_averaged(tmp_path):
     v_ok, v_bad = M.validity(agg, roles, "ok"), M.validity(agg, roles, "bad")
     assert v_ok["valid"] is True and v_ok["baseline_best"] == pytest.approx(0.71)
     assert v_bad["valid"] is False and v_bad["scratch_best"] == pytest.approx(0.80)
-    md = write_report(tmp_path / "res").read_text()
+    md = write_report(ReportConfig(results=str(tmp_path / "res"))).read_text()
     main = md.split("## Main table")[1].split("\n## ")[0]
     ok_row = next(r for r in main.splitlines() if r.startswith("| ok "))
     bad_row = next(r for r in main.splitlines() if r.startswith("| bad "))
@@ -139,7 +140,7 @@ def test_best_attack_is_chosen_on_validation_not_test(tmp_path):
     agg = M.aggregate(M.load_cells(write(tmp_path, cs)))
     assert M.best_attack(agg, "pmp", "sent")["attack"] == "full"
     assert M.best_attack(agg, "pmp", "sent", by="test")["attack"] == "full_lucky"
-    md = write_report(tmp_path / "res").read_text()
+    md = write_report(ReportConfig(results=str(tmp_path / "res"))).read_text()
     row = next(r for r in md.split("## Main table")[1].splitlines() if r.startswith("| sent "))
     cols = [c.strip() for c in row.strip("|").split("|")]
     # best (val-chosen) ratio 0.06 / 0.15 = 0.40; oracle ratio 0.20 / 0.15 = 1.33
@@ -153,7 +154,7 @@ def test_matched_baseline_gets_its_own_ratio(tmp_path):
                cell("dense_early", "matched", "sent", "full", "full", s, before, after)]
     agg = M.aggregate(M.load_cells(write(tmp_path, cs)))
     assert M.gain_ratio(agg, "pmp", "dense_early", "sent", "full")["ratio"] == pytest.approx(0.5)
-    md = write_report(tmp_path / "res").read_text()
+    md = write_report(ReportConfig(results=str(tmp_path / "res"))).read_text()
     main = md.split("## Main table")[1].split("\n## ")[0]
     header = next(r for r in main.splitlines() if r.startswith("| task "))
     row = next(r for r in main.splitlines() if r.startswith("| sent "))

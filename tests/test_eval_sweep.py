@@ -11,11 +11,17 @@ from corpus_fixture import generate_text, write_corpus
 
 from pmp.cli import main
 from pmp.config import load_config
+from pmp.eval.attack import run_attack
+from pmp.eval.attack_inputs import SCRATCH, resolve_models, resolve_tasks
 from pmp.eval.attacks import ATTACKS, KINDS, Budget, Suite, get_attack, get_suite, load_suite_file
+from pmp.eval.config import AttackConfig, ReportConfig
 from pmp.eval.finetune import finetune, make_optimizer, random_layouts
-from pmp.eval.probes import check_private_run, check_release, load_model, load_tokenizer, prepare_task
-from pmp.eval.sweep import SCRATCH, Sweep, resolve_models, resolve_tasks
+from pmp.eval.models import check_release, load_model, load_tokenizer
+from pmp.eval.report import write_report
+from pmp.eval.sweep import Sweep
+from pmp.eval.task_data import prepare_task
 from pmp.mask import PrivateMask
+from pmp.run_dir import open_private_run
 from pmp.train.trainer import pretrain
 
 TINY_CLS = Budget(steps=4, batch_size=4, max_len=16, max_train=24, max_val=8, max_test=12, eval_every=2)
@@ -230,9 +236,9 @@ def test_bad_input_names_what_is_valid(runs, tmp_path):
     with pytest.raises(ValueError, match="cannot be loaded"):
         load_model(broken, "classification", 2, seed=0, pad_id=0)
     with pytest.raises(ValueError, match="is a release, not a private run directory"):
-        check_private_run(runs["pmp"] / "final")
+        open_private_run(runs["pmp"] / "final")
     with pytest.raises(ValueError, match="no mask"):
-        check_private_run(runs["dense"])
+        open_private_run(runs["dense"])
     rels = {"pmp": str(runs["pmp"] / "final"), "dense": str(runs["dense"] / "final")}
     with pytest.raises(ValueError, match="--matched 'dense_early' is not one of the models"):
         resolve_models(rels, matched="dense_early")
@@ -268,3 +274,29 @@ def test_cli_attack_then_report(runs, tmp_path):
     md = (out / "report" / "report.md").read_text()
     assert "## Main table" in md and "heldout" in md and (out / "report" / "gains.png").stat().st_size > 1000
     assert Path(out / "report" / "curves_heldout.png").is_file()
+
+
+def test_library_entry_points_attack_then_report(runs, tmp_path):
+    """run_attack(AttackConfig) / write_report(ReportConfig): what `pmp attack` + `pmp report` do, as a library."""
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("name: libtiny\nseeds: 1\nattacks: [probe, full_adamw_3e-4_cos]\n"
+                     f"lm: {json.dumps(dataclasses.asdict(TINY_LM))}\n")
+    out = tmp_path / "res"
+    cfg = AttackConfig(suite=str(suite), tasks="none", lm_file=str(runs["lm"]), scratch=False, out=str(out),
+                       models={"pmp": str(runs["pmp"] / "final"), "dense": str(runs["dense"] / "final")})
+    summary = run_attack(cfg)
+    assert summary["run"] == summary["cells"] == 4 and len(list((out / "cells").glob("*.json"))) == 4
+    assert run_attack(cfg)["skipped"] == 4  # resumable: a second call runs nothing
+    md = write_report(ReportConfig(results=str(out), out=str(tmp_path / "rep"), baseline="dense"))
+    assert md == tmp_path / "rep" / "report.md" and "## Main table" in md.read_text()
+    with pytest.raises(ValueError, match="attack needs --out"):
+        run_attack(AttackConfig(models=cfg.models))
+
+
+def test_authorized_attack_refuses_the_release_of_another_run(runs, tmp_path):
+    """--private must be the run that trained the release: its mask's complement still equals the run's init."""
+    models = resolve_models({"pmp": str(runs["dense"] / "final")}, {"pmp": str(runs["pmp"])}, scratch=False)
+    tasks = resolve_tasks("none", lm_file=str(runs["lm"]))
+    suite = tiny_suite(attacks=(get_attack("probe"), get_attack("authorized_1e-3_cos")))
+    with pytest.raises(ValueError, match="does not belong to the private run"):
+        Sweep(models, tasks, suite, tmp_path / "r", progress=False, log=lambda *_: None).run()

@@ -5,6 +5,7 @@ import torch
 
 from pmp.config import PMPConfig
 from pmp.identify import MaskIdentifier, block_scores, mask_iou, select_top, select_units
+from pmp.kernels import MaskLayout
 
 
 def test_select_top_exact_count_and_ties_to_lower_index():
@@ -70,8 +71,6 @@ def test_block_masks_are_block_constant():
     set_grads(ps, 1)
     ident.observe(1)
     m = ident.current_mask()["c"]
-    from pmp.kernels import MaskLayout
-
     MaskLayout.from_bool(m, block_size=64)  # raises unless block-constant
     assert abs(int(m.sum()) - 0.25 * m.numel()) <= 64 * 64
 

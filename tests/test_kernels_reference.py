@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pmp.kernels import MaskLayout, reference
+from pmp.kernels import MaskLayout, backend, reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # fp32 accumulation of 93 products; the float64 truth uses the same (already rounded) inputs, so the tolerance
@@ -106,8 +106,6 @@ def test_masked_adamw_validates():
 
 
 def test_dispatch_env(monkeypatch):
-    from pmp.kernels import backend
-
     t = torch.zeros(2)
     monkeypatch.setenv("PMP_KERNELS", "torch")
     assert backend(t) == "torch"

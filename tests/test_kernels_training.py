@@ -10,6 +10,7 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
 
+from pmp import kernels  # noqa: E402
 from pmp.config import ModelConfig  # noqa: E402
 from pmp.kernels import MaskLayout  # noqa: E402
 from pmp.masked_optim import MaskedAdamW  # noqa: E402
@@ -43,8 +44,6 @@ def run(mode: str, monkeypatch, steps: int = 6) -> tuple[list[float], dict]:
 
 
 def test_kernel_path_matches_torch_path(monkeypatch):
-    from pmp import kernels
-
     ref_losses, ref_w, masks = run("torch", monkeypatch)
     assert kernels.backend(torch.zeros(1, device=DEVICE)) == "torch"
     tri_losses, tri_w, _ = run("triton", monkeypatch)

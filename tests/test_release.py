@@ -19,11 +19,18 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pmp.cli import main
-from pmp.config import load_config
+from pmp.config import ExportConfig, load_config
 from pmp.mask import PrivateMask
 from pmp.release import export_release, verify_commitment
+from pmp.step_dir import CheckpointError
 from pmp.train.trainer import pretrain
 from pmp.verify_release import mask_needles, verify_release
+
+
+def export(run, out, **kw) -> Path:
+    """The library's export with ExportConfig built from paths and keyword settings."""
+    return export_release(ExportConfig(run=str(run), out=str(out), **{k: str(v) if isinstance(v, Path) else v
+                                                                       for k, v in kw.items()}))
 
 DENSITY = 0.3
 
@@ -49,12 +56,12 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def release(runs):
-    return export_release(runs.pmp, runs.root / "release")
+    return export(runs.pmp, runs.root / "release")
 
 
 @pytest.fixture(scope="session")
 def dense_release(runs):
-    return export_release(runs.dense, runs.root / "dense_release")
+    return export(runs.dense, runs.root / "dense_release")
 
 
 def snapshot(path: Path) -> dict:
@@ -91,7 +98,7 @@ def test_fp32_release_equals_private_model(runs, release):
 
 
 def test_bf16_release_is_close_and_generates(runs, tmp_path):
-    out = export_release(runs.pmp, tmp_path / "bf16", dtype="bf16")
+    out = export(runs.pmp, tmp_path / "bf16", dtype="bf16")
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     with safe_open(str(out / "model.safetensors"), "pt") as s:
         assert all(s.get_tensor(k).dtype == torch.bfloat16 for k in s.keys())
@@ -106,7 +113,7 @@ def test_bf16_release_is_close_and_generates(runs, tmp_path):
 
 
 def test_sharded_release_verifies(runs, tmp_path):
-    out = export_release(runs.pmp, tmp_path / "sharded", max_shard_size="60KB")
+    out = export(runs.pmp, tmp_path / "sharded", max_shard_size="60KB")
     shards = sorted(p.name for p in out.glob("model-*.safetensors"))
     assert len(shards) >= 2 and (out / "model.safetensors.index.json").is_file()
     report = verify_release(out, runs.pmp)
@@ -281,7 +288,7 @@ def test_card_pmp_default_hides_density(runs, release):
 
 
 def test_card_density_opt_in_and_license(runs, tmp_path):
-    out = export_release(runs.pmp, tmp_path / "rel", publish_density=True, license="mit")
+    out = export(runs.pmp, tmp_path / "rel", publish_density=True, license="mit")
     text = (out / "README.md").read_text()
     realised = PrivateMask.load(runs.pmp / "private").density()
     assert mentions_density(text) and f"{realised:.4f}" in text
@@ -297,15 +304,13 @@ def test_dense_release_card_and_audit(runs, dense_release):
     assert report.ok, str(report)
     assert any(c.status == "SKIP" and c.name == "mask scans" for c in report.checks)
     with pytest.raises(ValueError, match="without a mask"):
-        export_release(runs.dense, runs.root / "never", commitment=True)
+        export(runs.dense, runs.root / "never", commitment=True)
     assert not (runs.root / "never").exists()
 
 
 def test_export_an_earlier_step(runs, tmp_path):
     """A quality-matched baseline: the weights a run kept at an earlier step, released like a final model."""
-    from pmp.train.checkpoint import CheckpointError
-
-    out = export_release(runs.dense, tmp_path / "dense_step10", step=10)
+    out = export(runs.dense, tmp_path / "dense_step10", step=10)
     snap = load_file(str(runs.dense / "snapshots" / "step_00000010" / "model.safetensors"))
     released = load_file(str(out / "model.safetensors"))
     final = load_file(str(runs.dense / "final" / "model.safetensors"))
@@ -314,18 +319,18 @@ def test_export_an_earlier_step(runs, tmp_path):
     assert "after step 10 of a longer run" in (out / "README.md").read_text()
     assert verify_release(out, runs.dense, load=False).ok
     # a PMP run's snapshot after identification is a PMP model (complement at init); before it, it is not
-    pmp_out = export_release(runs.pmp, tmp_path / "pmp_step15", step=15)
+    pmp_out = export(runs.pmp, tmp_path / "pmp_step15", step=15)
     assert verify_release(pmp_out, runs.pmp, load=False).ok
     bad = {5: "identified its mask at step 10", 20: "between 1 and 19", 12: r"steps with weights: \[5, 10, 15, 20\]"}
     for step, msg in bad.items():
         with pytest.raises(ValueError, match=msg):
-            export_release(runs.pmp, tmp_path / f"never{step}", step=step)
+            export(runs.pmp, tmp_path / f"never{step}", step=step)
         assert not (tmp_path / f"never{step}").exists()
     broken = Path(shutil.copytree(runs.dense, tmp_path / "broken"))
     f = broken / "snapshots" / "step_00000010" / "model.safetensors"
     f.write_bytes(f.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
-        export_release(broken, tmp_path / "never_broken", step=10)
+        export(broken, tmp_path / "never_broken", step=10)
     assert not (tmp_path / "never_broken").exists()
 
 
@@ -352,7 +357,7 @@ def test_bad_run_is_refused_and_target_untouched(bad_runs, release, tmp_path, wh
     target = Path(shutil.copytree(release, tmp_path / "existing_release"))
     before = snapshot(target)
     with pytest.raises(exc, match=msg):
-        export_release(run, target, overwrite=True)
+        export(run, target, overwrite=True)
     assert snapshot(target) == before
     fresh = tmp_path / "fresh"
     assert main(["export", str(run), "--out", str(fresh)]) == 2
@@ -366,40 +371,40 @@ def test_non_empty_target_and_overwrite(runs, release, tmp_path):
     (target / "config.json").write_text("{}")
     before = snapshot(target)
     with pytest.raises(FileExistsError, match="not empty"):
-        export_release(runs.pmp, target)
+        export(runs.pmp, target)
     assert snapshot(target) == before
     unrelated = tmp_path / "home"
     unrelated.mkdir()
     (unrelated / "thesis.tex").write_text("years of work")
     with pytest.raises(FileExistsError, match="refusing to delete"):
-        export_release(runs.pmp, unrelated, overwrite=True)
+        export(runs.pmp, unrelated, overwrite=True)
     assert (unrelated / "thesis.tex").read_text() == "years of work"
     for inside in (runs.pmp, runs.pmp / "release", runs.root):  # overlapping the private run: refused
         with pytest.raises(ValueError, match="overlaps the private run"):
-            export_release(runs.pmp, inside, overwrite=True)
+            export(runs.pmp, inside, overwrite=True)
     file_target = tmp_path / "a_file"
     file_target.write_text("x")
     with pytest.raises(FileExistsError, match="not a directory"):
-        export_release(runs.pmp, file_target)
+        export(runs.pmp, file_target)
     with pytest.raises(ValueError, match="dtype"):
-        export_release(runs.pmp, tmp_path / "x", dtype="fp16")
+        export(runs.pmp, tmp_path / "x", dtype="fp16")
     # --overwrite replaces a previous release (here: the one with a stub config) with a complete one.
-    export_release(runs.pmp, target, overwrite=True)
+    export(runs.pmp, target, overwrite=True)
     assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in release.iterdir())
     assert (target / "model.safetensors").read_bytes() == (release / "model.safetensors").read_bytes()
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert export_release(runs.pmp, empty) == empty and (empty / "config.json").is_file()
+    assert export(runs.pmp, empty) == empty and (empty / "config.json").is_file()
 
 
 def test_mask_bundle(runs, tmp_path):
     rel = tmp_path / "rel"
     for inside in (rel / "private", rel):
         with pytest.raises(ValueError, match="inside the release"):
-            export_release(runs.pmp, rel, mask_bundle=inside)
+            export(runs.pmp, rel, mask_bundle=inside)
         assert not rel.exists()
     bundle = tmp_path / "owner_only" / "mask"
-    export_release(runs.pmp, rel, mask_bundle=bundle)
+    export(runs.pmp, rel, mask_bundle=bundle)
     assert sorted(p.name for p in bundle.iterdir()) == ["mask.json", "mask.safetensors"]
     assert PrivateMask.load(bundle).fingerprint() == PrivateMask.load(runs.pmp / "private").fingerprint()
     assert verify_release(rel, runs.pmp, load=False).ok
@@ -408,7 +413,7 @@ def test_mask_bundle(runs, tmp_path):
 # ------------------------------------------------------------------------------------------------ commitment
 def test_commitment_round_trip(runs, release, tmp_path):
     run = Path(shutil.copytree(runs.pmp, tmp_path / "run"))
-    rel = export_release(run, tmp_path / "rel", commitment=True)
+    rel = export(run, tmp_path / "rel", commitment=True)
     text = (rel / "README.md").read_text()
     assert "sha256(salt || mask fingerprint)" in text
     assert verify_commitment(rel, run) is True
@@ -418,7 +423,7 @@ def test_commitment_round_trip(runs, release, tmp_path):
     report = verify_release(rel, run, load=False)
     assert report.ok and "no commitment salt in any file" in [c.name for c in report.checks], str(report)
     # Re-exporting the same run publishes the same commitment (the salt is kept per mask).
-    again = export_release(run, tmp_path / "rel2", commitment=True)
+    again = export(run, tmp_path / "rel2", commitment=True)
     assert (again / "README.md").read_text().replace("rel2", "rel") == text
     # Another mask (same shapes, same salt file) does not open it; nor does another run with its own salt.
     other = Path(shutil.copytree(run, tmp_path / "other"))
@@ -428,7 +433,7 @@ def test_commitment_round_trip(runs, release, tmp_path):
     PrivateMask.from_bool(flipped, mask.meta).save(other / "private")
     assert verify_commitment(rel, other) is False
     assert main(["prove-ownership", str(rel), "--private", str(other)]) == 1
-    export_release(other, tmp_path / "rel_other", commitment=True)
+    export(other, tmp_path / "rel_other", commitment=True)
     assert json.loads((other / "private" / "commitment.json").read_text())["salt"] != salt
     assert verify_commitment(rel, other) is False
     assert verify_commitment(tmp_path / "rel_other", other) is True

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from pmp.cli import main
 from pmp.config import load_config
 from pmp.mask import PrivateMask
-from pmp.train.trainer import pretrain
+from pmp.train.trainer import Trainer, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,8 +98,6 @@ def test_per_tensor_selection_density(corpus, tmp_path):
 
 
 def test_same_data_seed_same_batches(corpus, tmp_path):
-    from pmp.train.trainer import Trainer
-
     a = Trainer(load_config(None, tiny_overrides(corpus, **{"train.method": "dense"})), tmp_path / "a", False)
     b = Trainer(load_config(None, tiny_overrides(corpus)), tmp_path / "b", False)
     for _ in range(3):

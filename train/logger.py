@@ -14,7 +14,7 @@ def memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:
-        import resource
+        import resource  # noqa: PLC0415 - POSIX only
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     except ImportError:  # pragma: no cover - non-POSIX
@@ -30,7 +30,7 @@ class RunLogger:
         self.tb = None
         if tensorboard_dir is not None:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - optional dependency
             except ImportError as e:
                 raise ValueError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from e
             self.tb = SummaryWriter(str(tensorboard_dir))

@@ -15,17 +15,22 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
-from pmp.atomic import atomic_dir, atomic_file, sha256_file, write_json
+from pmp.atomic import atomic_dir, atomic_file
 from pmp.config import RunConfig
+from pmp.data.blocks import BatchStream, eval_batches, token_blocks
+from pmp.data.corpus import load_documents, split_documents
 from pmp.identify import MaskIdentifier
 from pmp.mask import PrivateMask
 from pmp.masked_optim import MaskedAdamW
 from pmp.masked_state import MaskedModel
 from pmp.model import build_model, count_parameters, draw_init_seed, hf_config
+from pmp.run_dir import RunDir, initialize_run, open_run
+from pmp.schedule import lr_at
+from pmp.step_dir import list_step_dirs
+from pmp.tokenizer import get_tokenizer
 from pmp.train.checkpoint import (
-    list_checkpoints,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -33,8 +38,7 @@ from pmp.train.checkpoint import (
     set_rng_state,
 )
 from pmp.train.logger import RunLogger, memory_mb
-from pmp.train.run_dir import RunDir, initialize_run, open_run
-from pmp.train.schedule import lr_at
+from pmp.weight_decay import param_groups
 
 
 def pretrain(cfg: RunConfig, out: str | Path, resume: bool = False) -> RunDir:
@@ -80,8 +84,6 @@ class Trainer:
             with atomic_dir(self.run.tokenizer, overwrite=True) as tmp:
                 self.tokenizer.save_pretrained(str(tmp))
 
-        from pmp.data.blocks import BatchStream
-
         self.stream = BatchStream(self.train_blocks, t.batch_size, t.data_seed)
         self.hf_cfg = hf_config(cfg.model, len(self.tokenizer), self.tokenizer.bos_token_id,
                                 self.tokenizer.eos_token_id, cfg.data.seq_len)
@@ -99,7 +101,7 @@ class Trainer:
         self.optimizer = self._dense_optimizer()
         if self.phase == "identify":
             self.identifier = self._new_identifier()
-        ckpts = list_checkpoints(self.run.checkpoints)
+        ckpts = list_step_dirs(self.run.checkpoints)
         if resume and ckpts:
             self._restore(ckpts[-1])
         elif resume:
@@ -109,16 +111,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ set-up
     def _load_data(self, resume: bool):
-        from pmp.data.blocks import token_blocks
-        from pmp.data.corpus import load_documents, split_documents
-        from pmp.tokenizer import get_tokenizer
-
         d = self.cfg.data
         docs = load_documents(d)
         train_docs, val_docs = split_documents(docs, d.val_fraction)
         if resume and self.run.tokenizer.is_dir():
-            from transformers import AutoTokenizer
-
             tok = AutoTokenizer.from_pretrained(str(self.run.tokenizer))
         else:
             tok = get_tokenizer(self.cfg.tokenizer, train_docs, d.cache_dir)
@@ -128,29 +124,18 @@ class Trainer:
 
     def _initial_weights(self, resume: bool) -> dict[str, torch.Tensor]:
         """The secret initial weights: drawn fresh (and stored in private/), or re-read and verified."""
-        init_file, init_meta = self.run.private / "init.safetensors", self.run.private / "init.json"
-        if resume and init_file.is_file():
-            meta = json.loads(init_meta.read_text())
-            if sha256_file(init_file) != meta["sha256"]:
-                raise ValueError(f"{init_file} fails its sha256: the private initial weights are corrupt")
-            return load_file(str(init_file))
+        if resume and self.run.init_weights.is_file():
+            return self.run.load_init()
         seed = draw_init_seed(self.cfg.model.init_seed)
         model = build_model(self.hf_cfg, seed)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self.run.private.mkdir(parents=True, exist_ok=True)
-        with atomic_file(init_file) as f:
-            from safetensors.torch import save
-
-            f.write(save({k: v.contiguous() for k, v in state.items()}))
-        write_json(init_meta, {"seed": seed, "pinned": self.cfg.model.init_seed is not None,
-                               "sha256": sha256_file(init_file), "parameters": count_parameters(model)})
+        self.run.save_init(state, seed, pinned=self.cfg.model.init_seed is not None,
+                           parameters=count_parameters(model))
         return state
 
     def _dense_optimizer(self) -> torch.optim.Optimizer:
         t = self.cfg.train
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        groups = param_groups([p for p in self.model.parameters() if p.requires_grad], t.weight_decay)
         return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
 
     def _masked_optimizer(self) -> torch.optim.Optimizer:
@@ -173,7 +158,7 @@ class Trainer:
         blocks = {n: p.block_size for n in self.identifier.block_names}
         self.mask = PrivateMask.from_bool(self.identifier.current_mask(), meta, block_sizes=blocks)
         self.mask.save(self.run.private)
-        with atomic_file(self.run.private / "identification.jsonl", "w") as f:
+        with atomic_file(self.run.identification, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in self.identifier.history)
         self.log.echo(f"[pmp] mask identified at step {self.step} ({rec['reason']}, last IoU {rec['iou']:.4f}): "
                       f"{self.mask.nnz:,} of {self.mask.total:,} entries ({self.mask.density():.4f})")
@@ -232,7 +217,7 @@ class Trainer:
             if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
                 self._evaluate()
             if t.snapshot_every and self.step % t.snapshot_every == 0 and self.step < t.steps:
-                save_snapshot(self.run.root / "snapshots", self.step, self.model.state_dict())
+                save_snapshot(self.run.snapshots, self.step, self.model.state_dict())
             if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps:
                 self._save_checkpoint()
         self._finish()
@@ -259,8 +244,6 @@ class Trainer:
 
     @torch.no_grad()
     def _evaluate(self) -> float:
-        from pmp.data.blocks import eval_batches
-
         self.model.eval()
         total, count = 0.0, 0
         for batch in eval_batches(self.val_blocks, self.cfg.train.batch_size, self.cfg.train.eval_batches):

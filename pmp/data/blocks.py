@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pmp.atomic import atomic_file
+from pmp.data.cache import cache_root, text_fingerprint
 
 TOKENIZE_BATCH = 64  # documents per fast-tokenizer call (~1.3 M chars); one call for all was not faster on 2 cores
 
@@ -36,14 +37,13 @@ def token_blocks(tokenizer, docs: list[str], seq_len: int, cache_dir: str = "", 
                  log: Callable[[str], None] = print) -> np.ndarray:
     """Tokenize each document, append eos after each, concatenate, cut into full blocks of `seq_len` (the last
     partial block is dropped) -> blocks_NT. Cached under ``cache_root/blocks/``: a second call only loads."""
-    from pmp.data.prepare import cache_root, fingerprint
-
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token; documents are separated by eos")
-    key = hashlib.sha256(f"{tokenizer_fingerprint(tokenizer)}|{fingerprint(docs)}|{seq_len}".encode()).hexdigest()
+    key_src = f"{tokenizer_fingerprint(tokenizer)}|{text_fingerprint(docs)}|{seq_len}"
+    key = hashlib.sha256(key_src.encode()).hexdigest()
     path = cache_root(cache_dir) / "blocks" / f"{tag + '-' if tag else ''}{key[:32]}.npy"
     if path.is_file():
         try:

@@ -6,8 +6,12 @@ the validation split can spread over every book/file instead of exhausting the f
 
 from __future__ import annotations
 
+import datasets
+
 from pmp.config import DataConfig
+from pmp.data.cache import cache_root, is_prepared, read_manifest
 from pmp.data.files import CHUNK_CHARS, Document, chunk_text, load_text_files
+from pmp.data.prepare import prepare
 
 MIN_CHUNK_CHARS = 1_000
 
@@ -40,8 +44,6 @@ def load_documents(cfg: DataConfig) -> list[str]:
 
 
 def _default_documents(cache_dir: str, max_chars: int) -> list[str]:
-    from pmp.data.prepare import cache_root, is_prepared, prepare, read_manifest
-
     if not is_prepared(cache_dir):
         print(f"pmp data: default corpus not prepared in {cache_root(cache_dir)}; running prepare (one-time, "
               f"~40 MB download)")
@@ -57,8 +59,6 @@ def _default_documents(cache_dir: str, max_chars: int) -> list[str]:
 
 
 def _hub_documents(name: str, text_column: str) -> list[str]:
-    import datasets
-
     if not name:
         raise ValueError("data.corpus 'hub:NAME' needs a dataset name after 'hub:'")
     try:

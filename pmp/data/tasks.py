@@ -1,4 +1,5 @@
-"""Downstream tasks: the registry of default tasks (prepared by `pmp.data.prepare`) and user task files.
+"""Downstream tasks: the default tasks (registry in `pmp.data.task_registry`, files from `pmp.data.prepare`) and
+user task files.
 
 Classification tasks have a FIXED train/test split: examples are ranked by sha256 of their normalized text and
 the first 20% (at most 1000) form the test set. The split depends on nothing but the texts, so it is the same on
@@ -8,38 +9,21 @@ also appears in train. LM tasks (``kind='lm'``) are held-out text domains for a 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 
+from pmp.data.cache import cache_root, is_prepared, read_manifest
+from pmp.data.files import chunk_text, load_labelled_file
+from pmp.data.hash_split import fixed_split
+from pmp.data.prepare import prepare
+from pmp.data.task_registry import TASKS, TaskSpec
 
-@dataclass(frozen=True)
-class TaskSpec:
-    kind: str  # 'classification' | 'lm'
-    description: str
-    label_names: tuple[str, ...] = ()
-    default: bool = False  # part of default_classification_tasks() / default_lm_probe()
+__all__ = ["LM_CHUNK_CHARS", "TASKS", "TaskData", "TaskSpec", "default_classification_tasks", "default_lm_probe",
+           "fixed_split", "list_tasks", "load_task", "load_task_file"]
 
-    @property
-    def subdir(self) -> str:
-        return "tasks" if self.kind == "classification" else "lm_probe"
-
-
-TASKS: dict[str, TaskSpec] = {
-    "movie_sentiment": TaskSpec("classification", "movie-review sentence sentiment (Hutto & Gilbert 2014), "
-                                "negative/positive, neutral dropped", ("negative", "positive"), default=True),
-    "trec": TaskSpec("classification", "TREC question type, 6 coarse classes",
-                     ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"), default=True),
-    "sms_spam": TaskSpec("classification", "SMS spam vs ham (an easy sanity task)", ("ham", "spam"), default=True),
-    "tweet_sentiment": TaskSpec("classification", "tweet sentiment (Hutto & Gilbert 2014), negative/positive",
-                                ("negative", "positive"), default=True),
-    "amazon_sentiment": TaskSpec("classification", "Amazon review sentence sentiment (Hutto & Gilbert 2014)",
-                                 ("negative", "positive")),
-    "movie_dialog": TaskSpec("lm", "Cornell movie dialogs: held-out LM domain for a perplexity probe", default=True),
-}
 LM_CHUNK_CHARS = 2_000  # rows of an LM task: ~2 k chars of consecutive exchanges (~500 tokens)
 
 
@@ -65,38 +49,17 @@ def default_lm_probe() -> str:
     return next(n for n, s in TASKS.items() if s.default and s.kind == "lm")
 
 
-def fixed_split(keys: list[str], test_fraction: float = 0.2, test_cap: int = 0) -> tuple[list[int], list[int]]:
-    """(train indices, test indices), both ascending: the round(test_fraction * n) keys (at most test_cap when
-    > 0, at least 1 when n >= 2) with the smallest sha256 go to test. Equal keys land on the same side."""
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    n = len(keys)
-    n_test = round(test_fraction * n)
-    if test_cap > 0:
-        n_test = min(n_test, test_cap)
-    if n >= 2:
-        n_test = min(max(n_test, 1), n - 1)
-    digests = [hashlib.sha256(k.encode("utf-8")).hexdigest() for k in keys]
-    order = sorted(range(n), key=lambda i: (digests[i], i))
-    test = set(order[:n_test])
-    return [i for i in range(n) if i not in test], sorted(test)
-
-
 def load_task(name: str, cache_dir: str = "") -> TaskData:
     """A default task from the prepared cache (runs `prepare` first if the cache is not prepared)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)} (or a csv/jsonl file through "
                          f"load_task_file)")
-    from pmp.data.prepare import cache_root, is_prepared, prepare, read_manifest
-
     if not is_prepared(cache_dir):
         print(f"pmp data: tasks not prepared in {cache_root(cache_dir)}; running prepare (one-time download)")
         prepare(cache_dir)
     root, spec = cache_root(cache_dir), TASKS[name]
     rec = read_manifest(cache_dir)["tasks"][name]
     if spec.kind == "lm":
-        from pmp.data.files import chunk_text
-
         split = {s: datasets.Dataset.from_dict({"text": chunk_text((root / rec[s]["path"]).read_text("utf-8"),
                                                                    LM_CHUNK_CHARS)}) for s in ("train", "test")}
         return TaskData(name, "lm", split["train"], split["test"], 0, [])
@@ -116,8 +79,6 @@ def load_task_file(path: str, text_column: str = "text", label_column: str = "la
 
     Texts seen more than once keep their first row; texts seen with conflicting labels are dropped.
     """
-    from pmp.data.files import load_labelled_file
-
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     ds = load_labelled_file(path, text_column, label_column)

@@ -1,0 +1,135 @@
+"""The inputs of `pmp attack`: releases (+ the owner's private runs, recovered masks, the from-scratch
+reference) as `ModelSpec`s with roles, and task names or files as `TaskData`.
+
+Models: `--models NAME=PATH` releases (any HF causal-LM directory with a tokenizer), `--private NAME=RUN` the
+owner's run directory for the PMP model(s) (enables `authorized` attacks and gives the random-mask density), and
+the `from_scratch` reference (the first release's config.json, random init) which runs the probe and every attack
+marked `scratch`. Roles: `protected` (has --private, or is named pmp*), `baseline` (--baseline NAME, else the
+model named dense*), `matched` (--matched NAME), `scratch`, `other`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pmp.data.tasks import (
+    TaskData,
+    default_classification_tasks,
+    default_lm_probe,
+    list_tasks,
+    load_task,
+    load_task_file,
+)
+from pmp.eval.models import check_release, load_tokenizer
+from pmp.eval.recovered_mask import recovered_mask_sparse_attack_inputs
+from pmp.eval.task_data import lm_task_from_text
+from pmp.run_dir import open_private_run
+
+SCRATCH = "from_scratch"
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    path: Path | None  # None for from_scratch
+    role: str  # protected | baseline | matched | scratch | other
+    private: Path | None = None
+    config_from: Path | None = None  # from_scratch: the release whose config.json gives the architecture
+    recovered: Path | None = None  # a mask recovered from the release by an attacker (`pmp audit`)
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path if self.path is not None else self.config_from
+
+
+def parse_pairs(items: list[str], what: str) -> dict[str, str]:
+    """`NAME=PATH` command-line items -> {NAME: PATH}; names must be usable in result file names."""
+    out: dict[str, str] = {}
+    for it in items:
+        name, sep, path = it.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"{what} takes NAME=PATH pairs, got {it!r}")
+        if "__" in name or "/" in name or name == SCRATCH:
+            raise ValueError(f"{what}: model name {name!r} may not contain '__' or '/' nor be {SCRATCH!r}")
+        if name in out:
+            raise ValueError(f"{what}: model name {name!r} given twice")
+        out[name] = path
+    return out
+
+
+def resolve_models(models: dict[str, str], private: dict[str, str] | None = None, baseline: str = "",
+                   scratch: bool = True, recovered: dict[str, str] | None = None,
+                   matched: str = "") -> list[ModelSpec]:
+    """Check every input (releases load, private runs are runs, recovered masks load) and assign roles.
+    `matched`: a second dense baseline whose pre-training quality matches the protected model's (an earlier
+    state of the dense run, `pmp export --step`): gains are also compared against it."""
+    private, recovered = private or {}, recovered or {}
+    baseline = _check_names(models, private, recovered, baseline, matched)
+    specs = []
+    for name, path in models.items():
+        rel = check_release(path)
+        load_tokenizer(rel)
+        priv = open_private_run(private[name], f"--private {name}=").root if name in private else None
+        role = ("baseline" if name == baseline else "matched" if name == matched else
+                "protected" if priv is not None or name.startswith("pmp") else "other")
+        rec = None
+        if name in recovered:
+            rec = Path(recovered[name])
+            recovered_mask_sparse_attack_inputs(rec, rel)  # loads and checks it against the release
+        specs.append(ModelSpec(name, rel, role, priv, recovered=rec))
+    if scratch:
+        ref = next((s for s in specs if s.role == "baseline"), specs[0])
+        specs.append(ModelSpec(SCRATCH, None, "scratch", config_from=ref.path))
+    return specs
+
+
+def _check_names(models: dict[str, str], private: dict[str, str], recovered: dict[str, str], baseline: str,
+                 matched: str) -> str:
+    """Refuse names that are not models or roles that collide; -> the baseline's name ('' = none)."""
+    if not models:
+        raise ValueError("no models: pass --models NAME=PATH [NAME=PATH ...]")
+    for flag, given in (("--private", private), ("--recovered", recovered)):
+        unknown = sorted(set(given) - set(models))
+        if unknown:
+            raise ValueError(f"{flag} names {unknown} that are not in --models ({', '.join(models)})")
+    if baseline and baseline not in models:
+        raise ValueError(f"--baseline {baseline!r} is not one of the models: {', '.join(models)}")
+    if matched and matched not in models:
+        raise ValueError(f"--matched {matched!r} is not one of the models: {', '.join(models)}")
+    if not baseline:
+        baseline = next((n for n in models if n.startswith("dense") and n not in private and n != matched), "")
+    if matched and matched == baseline:
+        raise ValueError(f"--matched {matched!r} is also the baseline; the matched baseline is a second dense model")
+    return baseline
+
+
+def resolve_tasks(names: str = "default", cache_dir: str = "", task_file: str = "", text_column: str = "text",
+                  label_column: str = "label", lm_file: str = "") -> list[TaskData]:
+    """TaskData for: the default tasks ('default'), a comma list of registered tasks, plus user files."""
+    wanted: list[str] = []
+    for n in [x.strip() for x in (names or "").split(",") if x.strip()]:
+        if n == "default":
+            # the LM probe first: it is where pre-training clearly helps (DESIGN.md, validity), so a partial
+            # sweep has the most informative comparison
+            wanted += [default_lm_probe()] + default_classification_tasks()
+        elif n in ("none", ""):
+            continue
+        elif n not in list_tasks():
+            raise ValueError(f"unknown task {n!r}; valid tasks: default, none, {', '.join(list_tasks())} "
+                             "(or --task-file / --lm-file for your own data)")
+        else:
+            wanted.append(n)
+    # user files first: they fail fast (missing columns) before any slow loading
+    tasks = []
+    if task_file:
+        tasks.append(load_task_file(task_file, text_column, label_column))
+    if lm_file:
+        tasks.append(lm_task_from_text(lm_file))
+    tasks += [load_task(n, cache_dir) for n in dict.fromkeys(wanted)]
+    if not tasks:
+        raise ValueError("no tasks: pass --tasks default|t1,t2 and/or --task-file / --lm-file")
+    names_seen = [t.name for t in tasks]
+    if len(set(names_seen)) != len(names_seen):
+        raise ValueError(f"two tasks share a name ({names_seen}); rename the task file")
+    return tasks

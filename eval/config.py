@@ -1,0 +1,104 @@
+"""The recipes of the evaluation verbs: `pmp attack` (AttackConfig), `pmp audit` (AuditConfig), `pmp report`
+(ReportConfig), in the same typed style as `pmp.config.RunConfig`.
+
+`AttackSettings` and `AuditSettings` hold what a user tunes; the verb configs add the inputs and outputs. The
+pipeline's `attack:` and `audit:` sections are the settings alone (it supplies the inputs itself).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pmp.typed_config import check, doc
+
+
+@dataclass
+class AttackSettings:
+    suite: str = doc("attack suite: quick | full | a suite YAML file (see `load_suite_file`)", "quick")
+    tasks: str = doc("default (the LM probe + default classification tasks) | none | comma list of task names",
+                     "default")
+    task_file: str = doc("your labelled csv/jsonl/parquet classification task ('' = none)", "")
+    text_column: str = doc("text column of task_file", "text")
+    label_column: str = doc("label column of task_file", "label")
+    lm_file: str = doc("your held-out text file for an extra LM (perplexity) probe ('' = none)", "")
+    seeds: int = doc("fine-tuning seeds per cell (0 = the suite's own)", 0)
+    mask_density: float = doc("random-mask density when no private run gives the real one (0 = the suite default)",
+                              0.0)
+    scratch: bool = doc("also attack the same architecture trained from scratch (the validity reference)", True)
+    cache_dir: str = doc("data cache directory ('' = $PMP_CACHE or ~/.cache/pmp)", "")
+
+    def validate(self) -> AttackSettings:
+        check(self.seeds >= 0, "seeds must be >= 1 (or 0 for the suite's own), got {}", self.seeds)
+        check(0 <= self.mask_density <= 1, "mask_density must be in [0, 1] (0 = the suite default), got {}",
+              self.mask_density)
+        return self
+
+
+@dataclass
+class AttackConfig(AttackSettings):
+    models: dict[str, str] = doc("NAME=DIR: releases to attack (HF model dirs with a tokenizer); names pmp*/dense* "
+                                 "set the protected/baseline roles", default_factory=dict)
+    private: dict[str, str] = doc("NAME=RUN: the owner's private run of a PMP model (enables authorized "
+                                  "fine-tuning, gives the random-mask density)", default_factory=dict)
+    recovered: dict[str, str] = doc("NAME=DIR: a mask an attacker recovered from the release (`pmp audit` writes "
+                                    "AUDIT/recovered_mask): enables recovered_mask attacks", default_factory=dict)
+    baseline: str = doc("the dense baseline model's name ('' = the one named dense*)", "")
+    matched: str = doc("a second dense baseline whose pre-training quality matches the protected model's (an "
+                       "earlier dense state, `pmp export --step`) ('' = none)", "")
+    out: str = doc("results directory (finished cells are skipped when re-run)", "")
+
+    def validate(self) -> AttackConfig:
+        super().validate()
+        check(bool(self.models), "attack needs --models NAME=DIR ... (the releases to attack)")
+        check(bool(self.out), "attack needs --out RESULTS (the results directory)")
+        return self
+
+
+@dataclass
+class AuditSettings:
+    text: str = doc("attacker text file for the gradient attacks ('' = task or the LM probe)", "")
+    task: str = doc("a task whose train texts feed the gradient attacks ('' = the LM probe, if the data cache is "
+                    "prepared)", "")
+    cache_dir: str = doc("data cache directory ('' = $PMP_CACHE or ~/.cache/pmp)", "")
+    max_seconds: float = doc("time budget of the audit (s); seed guessing gets what is left", 600.0)
+    max_seed: int = doc("seed guessing tries seeds 0..N (+ public and common seeds)", 1000)
+    grad_batches: int = doc("batches (8 x 128 tokens) for the gradient attacks", 8)
+    shadow: str = doc("the attacker's own PMP run (same architecture and tokenizer, public data): enables the "
+                      "shadow-run attacks ('' = none)", "")
+    simulate_norm_jitter: float = doc("also audit a what-if copy whose norm weights start at 1 + N(0, SIGMA^2) "
+                                      "(a proposed fix); 0 = off", 0.0)
+
+    def validate(self) -> AuditSettings:
+        check(not (self.text and self.task), "give the audit either text or task, not both")
+        check(self.max_seconds > 0, "max_seconds must be > 0, got {}", self.max_seconds)
+        check(self.max_seed >= 0, "max_seed must be >= 0, got {}", self.max_seed)
+        check(self.grad_batches >= 0, "grad_batches must be >= 0, got {}", self.grad_batches)
+        check(self.simulate_norm_jitter >= 0, "simulate_norm_jitter must be >= 0, got {}", self.simulate_norm_jitter)
+        return self
+
+
+@dataclass
+class AuditConfig(AuditSettings):
+    release: str = doc("the release directory (`pmp export` output; RUN/final works too)", "")
+    private: str = doc("the private run dir: ground truth for scoring only (the attacks never read it)", "")
+    out: str = doc("results directory ('' = RUN/audit: it describes the mask, keep it private)", "")
+
+    def validate(self) -> AuditConfig:
+        super().validate()
+        check(bool(self.release), "audit needs the release directory (pmp audit RELEASE --private RUN)")
+        check(bool(self.private), "audit needs --private RUN (the ground truth for scoring)")
+        return self
+
+
+@dataclass
+class ReportConfig:
+    results: str = doc("the --out directory of `pmp attack`", "")
+    out: str = doc("report directory ('' = RESULTS/report)", "")
+    baseline: str = doc("override the baseline model's name ('' = from the results)", "")
+    protected: list[str] = doc("override which models are protected (PMP); empty = from the results",
+                               default_factory=list)
+
+    def validate(self) -> ReportConfig:
+        check(bool(self.results), "report needs the results directory (pmp report RESULTS)")
+        return self
+

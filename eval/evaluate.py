@@ -1,0 +1,74 @@
+"""What an attack is measured by: the metric of each task kind and its evaluation on a prepared split.
+
+Classification: accuracy, HIGHER is better; the sequence-classification head reads the last real token.
+LM probe: perplexity (exp of the token-weighted mean loss), LOWER is better -- every consumer goes through
+`DIRECTION`. Shapes: B batch, T tokens, H hidden, N examples.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from pmp.eval.task_batches import pad_batch
+from pmp.eval.task_data import PreparedTask
+
+EVAL_BATCH = 64
+
+
+def loss_of(model, batch: dict) -> torch.Tensor:
+    return model(**batch).loss
+
+
+@torch.no_grad()
+def evaluate(model, task: PreparedTask, split: str) -> dict:
+    """{metric, loss} on a split ('val' | 'test')."""
+    was_training = model.training
+    model.eval()
+    data = getattr(task, split)
+    out = _evaluate_lm(model, data) if task.kind == "lm" else _evaluate_classification(model, data, task.pad_id)
+    model.train(was_training)
+    return out
+
+
+def _evaluate_lm(model, data: dict) -> dict:
+    total, tokens = 0.0, 0
+    for i in range(0, len(data["blocks"]), EVAL_BATCH // 4):
+        b = data["blocks"][i:i + EVAL_BATCH // 4]
+        n_tok = b[:, 1:].numel()
+        total += float(model(input_ids=b, labels=b).loss) * n_tok
+        tokens += n_tok
+    loss = total / tokens
+    return {"perplexity": math.exp(min(loss, 50.0)), "loss": loss}
+
+
+def _evaluate_classification(model, data: dict, pad_id: int) -> dict:
+    order = sorted(range(len(data["labels"])), key=lambda i: len(data["ids"][i]))  # less padding
+    correct, total = 0, 0.0
+    for i in range(0, len(order), EVAL_BATCH):
+        idx = order[i:i + EVAL_BATCH]
+        ids, mask = pad_batch([data["ids"][j] for j in idx], pad_id)
+        y = torch.tensor([data["labels"][j] for j in idx])
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        total += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+        correct += int((logits.argmax(-1) == y).sum())
+    n = max(len(order), 1)
+    return {"accuracy": correct / n, "loss": total / n}
+
+
+@torch.no_grad()
+def features(model, task: PreparedTask, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen-base features for the head-only probe: the final hidden state at the last real token (exactly what
+    the sequence-classification head reads) -> (feats_NH, labels_N)."""
+    model.eval()
+    data, base = getattr(task, split), model.base_model
+    feats = []
+    for i in range(0, len(data["labels"]), EVAL_BATCH):
+        ids, mask = pad_batch(data["ids"][i:i + EVAL_BATCH], task.pad_id)
+        h_BTH = base(input_ids=ids, attention_mask=mask).last_hidden_state
+        last_B = mask.sum(1) - 1
+        feats.append(h_BTH[torch.arange(len(ids)), last_B].float())
+    model.train()
+    return torch.cat(feats), torch.tensor(data["labels"])

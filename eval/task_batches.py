@@ -1,0 +1,47 @@
+"""Training batches of a prepared task: right-padded classification batches and seeded epoch shuffling.
+
+Shapes: B batch, T tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pmp.eval.task_data import PreparedTask
+
+
+def pad_batch(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids_BT and attention mask_BT."""
+    t = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), t), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), t), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+class TrainBatches:
+    """Shuffled batches without replacement within an epoch; the order depends on the seed only (not the model),
+    so every model sees the same examples in the same order for a given seed."""
+
+    def __init__(self, task: PreparedTask, batch_size: int, seed: int):
+        self.task, self.bs = task, batch_size
+        self.n = len(task.train["blocks"]) if task.kind == "lm" else len(task.train["labels"])
+        if self.n < 1:
+            raise ValueError(f"task {task.name} has no training examples after the validation split")
+        self.rng = np.random.default_rng([seed, 11])
+        self.perm, self.pos = self.rng.permutation(self.n), 0
+
+    def next(self) -> dict:
+        if self.pos >= self.n:
+            self.perm, self.pos = self.rng.permutation(self.n), 0
+        idx = self.perm[self.pos:self.pos + self.bs]
+        self.pos += self.bs
+        if self.task.kind == "lm":
+            b = self.task.train["blocks"][torch.from_numpy(idx)]
+            return {"input_ids": b, "labels": b}
+        ids, mask = pad_batch([self.task.train["ids"][i] for i in idx], self.task.pad_id)
+        return {"input_ids": ids, "attention_mask": mask,
+                "labels": torch.tensor([self.task.train["labels"][i] for i in idx])}

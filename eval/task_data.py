@@ -1,0 +1,118 @@
+"""Tasks as token tensors: one task tokenized for one release's tokenizer and one seed, split three ways.
+
+Classification: texts truncated to `Budget.max_len` tokens (padding happens per batch, eval/task_batches.py).
+LM probe: eos-separated text cut into blocks of `Budget.max_len` tokens.
+
+Splits, per (task, seed): the attacker's validation split (max_val) is carved from the task's TRAIN split with a
+seeded permutation, the training examples (max_train) come after it, and the test split is the task's fixed one
+(first max_test of a fixed permutation): the same for every seed and model, never seen in training or selection.
+Shapes: N examples (blocks), T tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+
+from pmp.data.files import chunk_text
+from pmp.data.hash_split import fixed_split
+from pmp.data.tasks import LM_CHUNK_CHARS, TaskData
+
+DIRECTION = {"classification": "higher", "lm": "lower"}  # is a larger metric better?
+METRIC = {"classification": "accuracy", "lm": "perplexity"}
+
+
+def lm_task_from_text(path: str | Path, test_fraction: float = 0.2) -> TaskData:
+    """A user's held-out text file as an LM-probe task (chunks of ~2k chars, fixed text-hash split)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"LM probe text {p} does not exist")
+    chunks = chunk_text(p.read_text("utf-8", errors="replace"), LM_CHUNK_CHARS)
+    if len(chunks) < 2:
+        raise ValueError(f"LM probe text {p} is too short: need at least 2 chunks of ~{LM_CHUNK_CHARS} chars")
+    tr, te = fixed_split(chunks, test_fraction)
+    mk = lambda idx: datasets.Dataset.from_dict({"text": [chunks[i] for i in idx]})  # noqa: E731
+    return TaskData(p.stem, "lm", mk(tr), mk(te), 0, [])
+
+
+@dataclass
+class PreparedTask:
+    """One task tokenized for one tokenizer and seed: lists of ids (classification) or [N, T] blocks (lm)."""
+
+    name: str
+    kind: str
+    num_labels: int
+    pad_id: int
+    train: dict  # classification: {"ids": list[list[int]], "labels": list[int]}; lm: {"blocks": LongTensor}
+    val: dict
+    test: dict
+    sizes: dict = field(default_factory=dict)
+
+    @property
+    def direction(self) -> str:
+        return DIRECTION[self.kind]
+
+    @property
+    def metric(self) -> str:
+        return METRIC[self.kind]
+
+
+def prepare_task(task, tokenizer, budget, seed: int) -> PreparedTask:
+    pad = tokenizer.eos_token_id
+    rng = np.random.default_rng([seed, 7])
+    if task.kind == "lm":
+        return _prepare_lm(task, tokenizer, budget, rng, pad)
+    n = len(task.train)
+    if n < 2:
+        raise ValueError(f"task {task.name}: needs at least 2 training examples to carve a validation split")
+    n_val = min(budget.max_val, max(1, n // 5))
+    perm = rng.permutation(n)
+    val_idx, train_idx = perm[:n_val], perm[n_val:n_val + budget.max_train]
+    test_idx = np.sort(np.random.default_rng(0).permutation(len(task.test))[:budget.max_test])
+
+    def encode(ds, idx) -> dict:
+        idx = [int(i) for i in idx]
+        texts = [str(ds[i]["text"]) for i in idx] if idx else []
+        ids = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=budget.max_len)["input_ids"]
+        labels = [int(ds[i]["label"]) for i in idx]
+        return {"ids": [x if x else [pad] for x in ids], "labels": labels}
+
+    tr, va, te = encode(task.train, train_idx), encode(task.train, val_idx), encode(task.test, test_idx)
+    sizes = {"train": len(tr["labels"]), "val": len(va["labels"]), "test": len(te["labels"]),
+             "task_train": n, "task_test": len(task.test), "max_len": budget.max_len}
+    return PreparedTask(task.name, "classification", task.num_labels, pad, tr, va, te, sizes)
+
+
+def _blocks(tokenizer, texts: list[str], seq_len: int, need: int, pad: int) -> torch.Tensor:
+    """Encode texts in order, eos after each, until `need` full blocks exist -> [<=need, T] int64."""
+    out: list[int] = []
+    for i in range(0, len(texts), 32):
+        for ids in tokenizer(texts[i:i + 32], add_special_tokens=False)["input_ids"]:
+            out.extend(ids)
+            out.append(pad)
+        if len(out) >= need * seq_len:
+            break
+    n = min(len(out) // seq_len, need)
+    return torch.tensor(out[:n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def _prepare_lm(task, tokenizer, budget, rng, pad) -> PreparedTask:
+    texts = [str(t) for t in task.train["text"]]
+    order = rng.permutation(len(texts))
+    n_val_docs = max(1, len(texts) // 10)
+    val_texts = [texts[i] for i in order[:n_val_docs]]  # whole documents: no text spans val and train
+    train_texts = [texts[i] for i in order[n_val_docs:]]
+    val = _blocks(tokenizer, val_texts, budget.max_len, budget.max_val, pad)
+    train = _blocks(tokenizer, train_texts, budget.max_len, budget.max_train, pad)
+    test = _blocks(tokenizer, [str(t) for t in task.test["text"]], budget.max_len, budget.max_test, pad)
+    for split, b in (("train", train), ("val", val), ("test", test)):
+        if len(b) == 0:
+            raise ValueError(f"LM task {task.name}: its {split} text is shorter than one block of {budget.max_len} "
+                             "tokens; use more text or a smaller lm max_len")
+    sizes = {"train_blocks": len(train), "val_blocks": len(val), "test_blocks": len(test), "block_len": budget.max_len,
+             "train_tokens": train.numel()}
+    return PreparedTask(task.name, "lm", 0, pad, {"blocks": train}, {"blocks": val}, {"blocks": test}, sizes)
