@@ -23,8 +23,10 @@ from pmp.data.tasks import (
 )
 from pmp.eval.models import check_release, load_tokenizer
 from pmp.eval.recovered_mask import recovered_mask_sparse_attack_inputs
+from pmp.eval.release_weights import StoredTensors
 from pmp.eval.task_data import lm_task_from_text
-from pmp.run_dir import open_private_run
+from pmp.mask import PrivateMask
+from pmp.run_dir import RunDir, check_complement, open_private_run
 
 SCRATCH = "from_scratch"
 
@@ -61,7 +63,8 @@ def parse_pairs(items: list[str], what: str) -> dict[str, str]:
 def resolve_models(models: dict[str, str], private: dict[str, str] | None = None, baseline: str = "",
                    scratch: bool = True, recovered: dict[str, str] | None = None,
                    matched: str = "") -> list[ModelSpec]:
-    """Check every input (releases load, private runs are runs, recovered masks load) and assign roles.
+    """Check every input (releases are complete, private runs are runs and trained their release, recovered masks
+    load and fit) and assign roles; nothing is written and no model is trained, so a wrong input fails at once.
     `matched`: a second dense baseline whose pre-training quality matches the protected model's (an earlier
     state of the dense run, `pmp export --step`): gains are also compared against it."""
     private, recovered = private or {}, recovered or {}
@@ -70,7 +73,11 @@ def resolve_models(models: dict[str, str], private: dict[str, str] | None = None
     for name, path in models.items():
         rel = check_release(path)
         load_tokenizer(rel)
-        priv = open_private_run(private[name], f"--private {name}=").root if name in private else None
+        priv = None
+        if name in private:
+            run = open_private_run(private[name], f"--private {name}=")
+            check_release_of_run(rel, run, run.load_mask(), name)
+            priv = run.root
         role = ("baseline" if name == baseline else "matched" if name == matched else
                 "protected" if priv is not None or name.startswith("pmp") else "other")
         rec = None
@@ -82,6 +89,25 @@ def resolve_models(models: dict[str, str], private: dict[str, str] | None = None
         ref = next((s for s in specs if s.role == "baseline"), specs[0])
         specs.append(ModelSpec(SCRATCH, None, "scratch", config_from=ref.path))
     return specs
+
+
+def check_release_of_run(release: Path, run: RunDir, mask: PrivateMask, name: str) -> None:
+    """The release given for `--private NAME=RUN` must be the one RUN trained: the mask names only parameters the
+    release has, with their shapes, and where the run kept its initial weights the mask's complement still equals
+    them (`pmp.run_dir.check_complement`, compared in the dtype the release stores). Reads the weight files only
+    (no model is built), so every pair is checked before any cell runs."""
+    weights = StoredTensors(release)
+    missing = [n for n in mask.layouts if n not in weights and n != "lm_head.weight"]  # lm_head may be tied
+    if missing:
+        raise ValueError(f"the private mask of {run.root} names parameters the release {release} does not have "
+                         f"(e.g. {missing[0]}): --private {name}= points at another model's run")
+    wrong = [(n, tuple(lay.shape), weights.shape(n)) for n, lay in mask.layouts.items()
+             if n in weights and tuple(lay.shape) != weights.shape(n)]
+    if wrong:
+        n, want, got = wrong[0]
+        raise ValueError(f"the private mask of {run.root} has {n} of shape {want}, the release {release} {got}: "
+                         f"--private {name}= points at another model's run")
+    check_complement(weights, mask, run, release, storage_dtype=weights.dtype)
 
 
 def _check_names(models: dict[str, str], private: dict[str, str], recovered: dict[str, str], baseline: str,

@@ -29,6 +29,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,39 +229,97 @@ def load_suite_file(path: str | Path) -> Suite:
       attacks: [probe, full_adamw_3e-4_cos, {name: my_sgd, kind: full, optimizer: sgd, lr: 0.05}]
       classification: {steps: 100}      # Budget fields; omitted ones keep their defaults
       lm: {steps: 100, batch_size: 8}
-    An attack given as a mapping is registered (so later suites can name it) and used."""
+    An attack given as a mapping is registered (so later suites can name it) and used. Any bad value (a wrong
+    type, a negative budget, an unknown optimizer or attack) is a ValueError that names the file and the field."""
     p = Path(path)
     raw = load_yaml_mapping(p, "suite file", " (a YAML mapping with an 'attacks' list)")
-    unknown = sorted(set(raw) - {"name", "seeds", "attacks", "classification", "lm", "mask_density", "description",
-                                 "extends"})
+    try:
+        return _suite_from_mapping(raw, p)
+    except ValueError as e:
+        raise ValueError(f"suite file {p}: {e}") from None
+
+
+SUITE_KEYS = {"name": str, "seeds": int, "attacks": list, "classification": dict, "lm": dict, "mask_density": float,
+              "description": str, "extends": str}
+
+
+def _suite_from_mapping(raw: dict, p: Path) -> Suite:
+    unknown = sorted(set(raw) - set(SUITE_KEYS))
     if unknown:
-        raise ValueError(f"suite file {p}: unknown keys {unknown}")
-    base = SUITES[raw["extends"]] if raw.get("extends") else Suite("base", ())
+        raise ValueError(f"unknown keys {unknown}; valid: {', '.join(SUITE_KEYS)}")
+    raw = {k: _typed(v, SUITE_KEYS[k], k) for k, v in raw.items() if v is not None}  # `key:` alone = default
     if raw.get("extends") and raw["extends"] not in SUITES:
-        raise ValueError(f"suite file {p}: extends {raw['extends']!r} is not a suite; valid: {', '.join(SUITES)}")
+        raise ValueError(f"extends {raw['extends']!r} is not a suite; valid: {', '.join(SUITES)}")
+    base = SUITES[raw["extends"]] if raw.get("extends") else Suite("base", ())
     attacks = list(base.attacks)
-    for item in raw.get("attacks", []):
+    for i, item in enumerate(raw.get("attacks", [])):
         if isinstance(item, str):
             attacks.append(get_attack(item))
         elif isinstance(item, dict):
-            bad = sorted(set(item) - {f.name for f in dataclasses.fields(Attack)})
-            if bad:
-                raise ValueError(f"suite file {p}: attack {item.get('name')!r} has unknown fields {bad}; valid: "
-                                 f"{', '.join(f.name for f in dataclasses.fields(Attack))}")
-            attacks.append(register(Attack(**item), overwrite=True))
+            attacks.append(register(_attack_from_mapping(item, i), overwrite=True))
         else:
-            raise ValueError(f"suite file {p}: each attack is a registered name or a mapping, got {item!r}")
+            raise ValueError(f"attacks[{i}]: each attack is a registered name or a mapping, got {item!r}")
+    suite = Suite(raw.get("name", p.stem), tuple(attacks), _budget(raw, "classification", base.classification),
+                  _budget(raw, "lm", base.lm), raw.get("seeds", base.seeds), raw.get("mask_density", base.mask_density),
+                  raw.get("description", ""))
+    return suite.validate()
 
-    def budget(key: str, default: Budget) -> Budget:
-        over = raw.get(key) or {}
-        bad = sorted(set(over) - {f.name for f in dataclasses.fields(Budget)})
-        if bad:
-            raise ValueError(f"suite file {p}: {key} has unknown budget fields {bad}")
-        return dataclasses.replace(default, **over)
 
-    return Suite(raw.get("name", p.stem), tuple(attacks), budget("classification", base.classification),
-                 budget("lm", base.lm), int(raw.get("seeds", base.seeds)),
-                 float(raw.get("mask_density", base.mask_density)), raw.get("description", "")).validate()
+def _attack_from_mapping(item: dict, i: int) -> Attack:
+    fields = {f.name: f for f in dataclasses.fields(Attack)}
+    name = item.get("name")
+    where = f"attack {name!r}" if isinstance(name, str) else f"attacks[{i}]"
+    bad = sorted(set(item) - set(fields))
+    if bad:
+        raise ValueError(f"{where} has unknown fields {bad}; valid: {', '.join(fields)}")
+    missing = [k for k in ("name", "kind") if k not in item]
+    if missing:
+        raise ValueError(f"{where} lacks {' and '.join(missing)} (every new attack needs a name and a kind: "
+                         f"{', '.join(KINDS)})")
+    hints = typing.get_type_hints(Attack)
+    return Attack(**{k: _typed(v, hints[k], f"{where}: {k}") for k, v in item.items()})
+
+
+def _budget(raw: dict, key: str, default: Budget) -> Budget:
+    over = raw.get(key) or {}
+    hints = typing.get_type_hints(Budget)
+    bad = sorted(set(over) - set(hints))
+    if bad:
+        raise ValueError(f"{key} has unknown budget fields {bad}; valid: {', '.join(hints)}")
+    return dataclasses.replace(default, **{k: _typed(v, hints[k], f"{key}.{k}") for k, v in over.items()})
+
+
+def _typed(value, tp: type, key: str):
+    """`value` as the field type `tp` (str, int, float, bool, list, dict), or a ValueError naming `key`. Numbers
+    may be given as strings: PyYAML reads `1e-3` (no dot) as the string '1e-3'."""
+    ok = None
+    if tp is bool:
+        ok = value if isinstance(value, bool) else None
+    elif isinstance(value, bool):
+        ok = None
+    elif tp is int:
+        ok = _number(value)
+        ok = int(ok) if ok is not None and ok.is_integer() else None
+    elif tp is float:
+        ok = _number(value)
+    elif tp is str:
+        ok = str(value) if isinstance(value, str | int | float) else None
+    elif isinstance(value, tp):
+        ok = value
+    if ok is None:
+        what = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string", list: "a list",
+                dict: "a mapping"}[tp]
+        raise ValueError(f"{key} must be {what}, got {value!r}")
+    return ok
+
+
+def _number(value) -> float | None:
+    """A finite number from an int, a float or a numeric string; None otherwise."""
+    try:
+        x = float(value) if isinstance(value, int | float | str) else None
+    except ValueError:
+        return None
+    return x if x is not None and math.isfinite(x) else None
 
 
 __all__ = ["ATTACKS", "Attack", "Budget", "KINDS", "SUITES", "Suite", "config_digest", "get_attack",

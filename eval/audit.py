@@ -14,10 +14,14 @@ Output (a results dir, default RUN/audit -- it describes the private mask, so it
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from pmp.atomic import owner_only
+from pmp.dir_lock import exclusive
 from pmp.eval.attacker_text import load_attacker_texts
 from pmp.eval.audit_metrics import MAX_ENTRIES, Sample, evaluate
 from pmp.eval.audit_report import write_report
@@ -32,55 +36,81 @@ from pmp.eval.recovery_shadow import load_shadow, shadow_scores
 from pmp.eval.recovery_weight_stats import WEIGHT_ATTACK_FAMILIES, weight_attacks
 from pmp.eval.release_weights import Release, Scores, load_release
 from pmp.mask import PrivateMask
+from pmp.paths import refuse_output_over
 
 Attacks = dict[str, tuple[Scores, dict]]  # attack name -> (scores, {"family": ..., "seconds": ...}), in run order
 
 
 def run_audit(cfg: AuditConfig, log=print) -> dict:
     """Audit `cfg.release` against `cfg.private`; writes audit.json, audit.md and recovered_mask/ into `cfg.out`
-    (default RUN/audit) and returns the report (audit.json's content, before non-finite numbers become null)."""
+    (default RUN/audit) and returns the report (audit.json's content, before non-finite numbers become null).
+
+    Nothing is written before the inputs are checked, and `out` may not overlap the release or the shadow run, nor
+    be or contain the private run (inside it is fine: it is private). The output is owner-only (directories 0700,
+    files 0600) and written under its directory's write lock (`pmp.dir_lock`), held from before the attacks."""
     cfg.validate()
     t_start = time.perf_counter()
     deadline = t_start + cfg.max_seconds  # seed guessing gets what the other attacks leave
-    release, mask, sample = _inputs(cfg, log)
-    dist = init_distribution(release)
-    attacks, fits = _weight_attacks(release, dist)
-    shadow_info = _shadow_attacks(cfg.shadow, release, attacks, fits)
-    grad_info = _gradient_attacks(cfg, release, attacks, deadline)
-    log(f"[audit] weight and gradient attacks done ({time.perf_counter() - t_start:.0f}s); seed guessing")
-    seed_info = _seed_guessing(cfg, release, attacks, deadline)
-    log(f"[audit] seed guessing: {seed_info['tried']} seeds in {seed_info['seconds']:.1f}s, matched "
-        f"{seed_info['matched_seed']}")
-    results, not_applicable, best = _score(attacks, sample)
+    inputs = _inputs(cfg, log)  # the inputs first: their errors say more than an overlap of paths
     out = Path(cfg.out) if cfg.out else Path(cfg.private) / "audit"
-    recovered = _recovered_mask(release, mask, best, attacks[best][0], out / "recovered_mask")
-    what_if = (norm_jitter_what_if(release, dist, sample, cfg.simulate_norm_jitter)
-               if cfg.simulate_norm_jitter > 0 else None)
-    report = {
-        "format": 1, "release": str(release.path), "private_run": str(Path(cfg.private)),
-        "release_dtype": str(release.storage_dtype).replace("torch.", ""), "rho": mask.density(),
-        "mask_nnz": mask.nnz, "mask_total": mask.total, "mask_scope": mask.meta.get("scope"),
-        "entries_scored": sample.size, "subsampled": sample.size < sample.total, "max_seconds": cfg.max_seconds,
-        "init_distribution": summary_by_kind(dist), "gradient": grad_info, "seed_guess": seed_info,
-        "shadow": shadow_info, "attacks": results, "not_applicable": not_applicable, "best_attack": best,
-        "best_global": results[best]["metrics"]["global"], "recovered_mask": recovered, "what_if": what_if,
-        "wall_seconds": time.perf_counter() - t_start, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    write_report(out, report)
+    refuse_output_over(out, releases={"the release": cfg.release, **({"the shadow run --shadow": cfg.shadow}
+                                                                     if cfg.shadow else {})},
+                       private_runs={"the private run --private": cfg.private})
+    release, mask, sample = inputs.release, inputs.mask, inputs.sample
+    with ExitStack() as held:
+        with owner_only():
+            held.enter_context(exclusive(out, "audit directory"))
+        dist = init_distribution(release)
+        attacks, fits = _weight_attacks(release, dist)
+        shadow_info = _shadow_attacks(cfg.shadow, inputs.shadow, release, attacks, fits)
+        grad_info = _gradient_attacks(cfg, inputs, attacks, deadline)
+        log(f"[audit] weight and gradient attacks done ({time.perf_counter() - t_start:.0f}s); seed guessing")
+        seed_info = _seed_guessing(cfg, release, attacks, deadline)
+        log(f"[audit] seed guessing: {seed_info['tried']} seeds in {seed_info['seconds']:.1f}s, matched "
+            f"{seed_info['matched_seed']}")
+        results, not_applicable, best = _score(attacks, sample)
+        what_if = (norm_jitter_what_if(release, dist, sample, cfg.simulate_norm_jitter)
+                   if cfg.simulate_norm_jitter > 0 else None)
+        with owner_only():
+            recovered = _recovered_mask(release, mask, best, attacks[best][0], out / "recovered_mask")
+            report = {
+                "format": 1, "release": str(release.path), "private_run": str(Path(cfg.private)),
+                "release_dtype": str(release.storage_dtype).replace("torch.", ""), "rho": mask.density(),
+                "mask_nnz": mask.nnz, "mask_total": mask.total, "mask_scope": mask.meta.get("scope"),
+                "entries_scored": sample.size, "subsampled": sample.size < sample.total,
+                "max_seconds": cfg.max_seconds, "init_distribution": summary_by_kind(dist), "gradient": grad_info,
+                "seed_guess": seed_info, "shadow": shadow_info, "attacks": results, "not_applicable": not_applicable,
+                "best_attack": best, "best_global": results[best]["metrics"]["global"], "recovered_mask": recovered,
+                "what_if": what_if, "wall_seconds": time.perf_counter() - t_start,
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            write_report(out, report)
     log(f"[audit] best attack {best}: AUROC {report['best_global']['auroc']:.4f}, precision@rho "
         f"{report['best_global']['precision_at_rho']:.4f} (chance {mask.density():.4f}); report in {out}/audit.md "
         f"({report['wall_seconds']:.0f}s)")
     return report
 
 
-def _inputs(cfg: AuditConfig, log) -> tuple[Release, PrivateMask, Sample]:
-    """The release, the true mask (checked against it) and the entries to score."""
+@dataclass
+class _Inputs:
+    release: Release
+    mask: PrivateMask  # the truth, checked against the release
+    sample: Sample  # the entries scored
+    shadow: PrivateMask | None  # the attacker's shadow run's mask (--shadow), checked against the release
+    texts: list[str]  # the attacker's text for the gradient attacks
+    text_info: str
+
+
+def _inputs(cfg: AuditConfig, log) -> _Inputs:
+    """Every input of the audit, loaded and checked before anything is written."""
     release = load_release(cfg.release)
     mask = load_private(cfg.private, release)
+    shadow = load_shadow(cfg.shadow, release) if cfg.shadow else None
+    texts, text_info = load_attacker_texts(cfg.text, cfg.task, cfg.cache_dir)
     sample = Sample.build(mask.to_bool(), MAX_ENTRIES)
     log(f"[audit] {release.path}: {sample.total:,} masked-scope entries, rho {mask.density():.4f}, "
         f"scoring {sample.size:,}")
-    return release, mask, sample
+    return _Inputs(release, mask, sample, shadow, texts, text_info)
 
 
 def _timed(attacks: Attacks, name: str, family: str, fn) -> None:
@@ -100,20 +130,20 @@ def _weight_attacks(release: Release, dist: dict) -> tuple[Attacks, dict]:
     return attacks, fits
 
 
-def _shadow_attacks(shadow_dir: str, release: Release, attacks: Attacks, fits: dict) -> dict | None:
-    if not shadow_dir:
+def _shadow_attacks(shadow_dir: str, shadow: PrivateMask | None, release: Release, attacks: Attacks,
+                    fits: dict) -> dict | None:
+    if shadow is None:
         return None
-    shadow = load_shadow(shadow_dir, release)
     t0 = time.perf_counter()
     for k, sc in shadow_scores(release, shadow.to_bool(), attacks["init_mixture"][0], fits).items():
         attacks[k] = (sc, {"family": "shadow run", "seconds": time.perf_counter() - t0})
     return {"run": str(shadow_dir), "density": shadow.density(), "sha256": shadow.fingerprint()}
 
 
-def _gradient_attacks(cfg: AuditConfig, release: Release, attacks: Attacks, deadline: float) -> dict:
+def _gradient_attacks(cfg: AuditConfig, inputs: _Inputs, attacks: Attacks, deadline: float) -> dict:
     """The gradient attacks on the attacker's text, within 30 % of the time left."""
-    info: dict = {"skipped": None}
-    texts, info["text"] = load_attacker_texts(cfg.text, cfg.task, cfg.cache_dir)
+    info: dict = {"skipped": None, "text": inputs.text_info}
+    release, texts = inputs.release, inputs.texts
     if not texts:
         info["skipped"] = "no attacker text"
     elif cfg.grad_batches > 0:
@@ -156,6 +186,7 @@ def _recovered_mask(release: Release, mask: PrivateMask, best: str, scores: Scor
     rec = recovered_mask(release, {n: s for n, s in scores.items() if n in mask.layouts}, mask.density(),
                          {"attack": best, "release": str(release.path)})
     rec.save(where)
+    where.chmod(0o700)  # an earlier audit's directory may predate owner-only output
     hit = rec.overlap(mask)
     return {"attack": best, "path": str(where), "density": rec.density(), "precision": hit / max(rec.nnz, 1),
             "recall": hit / max(mask.nnz, 1), "sha256": rec.fingerprint()}

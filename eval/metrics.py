@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -58,20 +59,66 @@ def ratio(num: float, den: float) -> float | None:
     return num / den
 
 
+CELL_NAME = re.compile(r"^[^.].*__.+__.+__s\d+$")  # <model>__<task>__<attack>__s<seed> (eval/sweep.py cell_id)
+_NUMBER_FIELDS = ("before", "after_val_selected", "after_final", "selected_val")
+_TEXT_FIELDS = ("model", "task", "attack", "metric")
+
+
+def cell_problem(rec) -> str:
+    """'' when `rec` is a finished result cell with every field the report reads, else what is wrong with it."""
+    if not isinstance(rec, dict):
+        return f"it holds a {type(rec).__name__}, not a JSON object"
+    if rec.get("status") != "done":
+        return f"status is {rec.get('status')!r}, not 'done'"
+    missing = [k for k in (*_TEXT_FIELDS, "direction", "seed", *_NUMBER_FIELDS, "curve") if k not in rec]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    bad = [k for k in _TEXT_FIELDS if not isinstance(rec[k], str) or not rec[k]]
+    bad += [k for k in _NUMBER_FIELDS if not _is_number(rec[k])]
+    if rec["direction"] not in ("higher", "lower"):
+        bad.append("direction")
+    if not isinstance(rec["seed"], int) or isinstance(rec["seed"], bool):
+        bad.append("seed")
+    if not isinstance(rec["curve"], list) or not rec["curve"] or not all(_curve_point(p, rec["metric"])
+                                                                         for p in rec["curve"]):
+        bad.append("curve")
+    return f"bad value of {', '.join(bad)}" if bad else ""
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _curve_point(p, metric) -> bool:
+    return (isinstance(p, dict) and _is_number(p.get("step"))
+            and all(isinstance(p.get(s), dict) and _is_number(p[s].get(metric)) for s in ("val", "test")))
+
+
 def load_cells(results_dir: str | Path) -> list[dict]:
-    """Every finished cell JSON under RESULTS_DIR/cells (or RESULTS_DIR itself); corrupt files are skipped."""
+    """Every result cell under RESULTS_DIR/cells (or RESULTS_DIR itself, where files named like cells count).
+
+    A corrupt cell (torn JSON, a missing or mistyped field) is an error that names the file, never silently
+    skipped: dropping one seed's cell would change means and ratios without a trace. `pmp attack` recomputes
+    corrupt cells, so the fix is to delete the file or re-run the attack."""
     d = Path(results_dir)
     if not d.is_dir():
         raise FileNotFoundError(f"results directory {d} does not exist")
-    cells_dir = d / "cells" if (d / "cells").is_dir() else d
+    nested = (d / "cells").is_dir()
+    cells_dir = d / "cells" if nested else d
     out = []
     for f in sorted(cells_dir.glob("*.json")):
+        if f.name.startswith(".") or (not nested and not CELL_NAME.match(f.stem)):
+            continue  # hidden files; beside flat cells also sweep.json and other JSON files
         try:
             rec = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(rec, dict) and rec.get("status") == "done" and "attack" in rec:
-            out.append(rec)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            problem = f"it is not readable JSON ({type(e).__name__})"
+        else:
+            problem = cell_problem(rec)
+        if problem:
+            raise ValueError(f"result cell {f} is corrupt ({problem}): delete it, or re-run `pmp attack --out "
+                             f"{d}`, which recomputes corrupt cells, then report again")
+        out.append(rec)
     if not out:
         raise ValueError(f"{d} holds no finished result cells (cells/*.json); run `pmp attack --out {d}` first")
     return out

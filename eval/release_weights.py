@@ -9,6 +9,7 @@ truth enters only in `pmp.eval.audit_truth`, and `pmp.eval.audit` scores these r
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from pmp.eval.models import check_release
+from pmp.eval.models import check_release, load_pretrained
 
 Scores = dict[str, torch.Tensor]  # {parameter name: score per entry, the parameter's shape}; higher = "trained"
 
@@ -31,20 +32,75 @@ class Release:
 
 
 def load_release(path: str | Path) -> Release:
-    """A release directory (stock HF model dir with a tokenizer), loaded in fp32 on CPU."""
+    """A release directory (stock HF model dir with a tokenizer), loaded in fp32 on CPU; weights that are
+    incomplete or do not fit the config are refused (`pmp.eval.models.check_release`, `load_pretrained`)."""
     p = check_release(path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32)
-    except Exception as e:  # noqa: BLE001 - any failure means the release cannot be audited
-        raise ValueError(f"release {p}: the model cannot be loaded ({type(e).__name__}: {e})") from None
-    model.eval()
-    dtype = torch.float32
-    shards = sorted(p.glob("*.safetensors"))
-    if shards:
-        with safe_open(str(shards[0]), "pt") as f:
-            dtype = f.get_tensor(next(iter(f.keys()))).dtype
+    model = load_pretrained(AutoModelForCausalLM, p, "causal LM").eval()
     weights = {n: prm.detach() for n, prm in model.named_parameters()}
-    return Release(p, model.config, model, weights, dtype)
+    return Release(p, model.config, model, weights, StoredTensors(p).dtype)
+
+
+class StoredTensors(Mapping):
+    """The tensors of a release's weight files as stored (name -> fp32 tensor, read lazily), and the dtype they are
+    stored in: what `pmp.run_dir.check_complement` compares without building the model."""
+
+    def __init__(self, release: str | Path):
+        self.path = Path(release)
+        self._where: dict[str, Path] = {}
+        self._bin: dict[str, torch.Tensor] = {}
+        self._last: tuple[str | None, torch.Tensor | None] = (None, None)
+        shards = sorted(self.path.glob("*.safetensors"))
+        for f in shards:
+            with safe_open(str(f), "pt") as s:
+                self._where.update(dict.fromkeys(s.keys(), f))
+        if not shards:  # a pickle-format release: memory-mapped, tensors only
+            for f in sorted(self.path.glob("*.bin")):
+                self._bin.update(_load_bin(f, self.path))
+        self.dtype = torch.float32  # of the first tensor: a bf16 release compares after rounding to bf16
+        if self._where:
+            first = next(iter(self._where))
+            with safe_open(str(self._where[first]), "pt") as s:
+                self.dtype = _SAFETENSORS_DTYPES.get(s.get_slice(first).get_dtype(), torch.float32)
+        elif self._bin:
+            self.dtype = next(iter(self._bin.values())).dtype
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self._bin:
+            return self._bin[name].float()
+        if self._last[0] != name:  # readers often look at one tensor twice in a row (shape, then values)
+            with safe_open(str(self._where[name]), "pt") as s:
+                self._last = (name, s.get_tensor(name).float())
+        return self._last[1]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._bin:
+            return tuple(self._bin[name].shape)
+        with safe_open(str(self._where[name]), "pt") as s:
+            return tuple(s.get_slice(name).get_shape())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._bin or self._where)
+
+    def __len__(self) -> int:
+        return len(self._bin or self._where)
+
+    def __contains__(self, name) -> bool:
+        return name in self._bin or name in self._where
+
+
+def _load_bin(f: Path, release: Path) -> dict[str, torch.Tensor]:
+    """A pickle-format weight file: memory-mapped where its format allows (zip), else read whole; tensors only."""
+    try:
+        try:
+            return torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+            return torch.load(str(f), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure means the file is not usable weights
+        raise ValueError(f"release {release}: {f.name} is truncated, corrupt or not a PyTorch weight file "
+                         f"({type(e).__name__}); copy or export the release again") from None
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 def as_stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """A sweep: models x tasks x attacks x seeds -> one results JSON per cell, resumable. The engine of `pmp attack`
-(whose entry point, `run_attack` in eval/attack_inputs.py, checks the inputs and builds the sweep).
+(whose entry point, `run_attack` in eval/attack.py, checks the inputs with eval/attack_inputs.py -- including that
+each release is the one its --private run trained -- and builds the sweep).
 
 RESULTS_DIR/
   sweep.json                                    what was asked (models, roles, suite, tasks, seeds), versions
@@ -17,7 +18,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 import transformers
 from tqdm.auto import tqdm
 
@@ -25,11 +25,12 @@ from pmp.atomic import sha256_file, write_json
 from pmp.eval.attack_inputs import ModelSpec
 from pmp.eval.attacks import Attack, Suite, config_digest
 from pmp.eval.finetune import finetune, random_layouts
+from pmp.eval.metrics import cell_problem
 from pmp.eval.models import head_names, load_model, load_tokenizer
 from pmp.eval.task_data import prepare_task
 from pmp.mask import PrivateMask
 from pmp.provenance import git_commit, versions
-from pmp.run_dir import RunDir, check_complement
+from pmp.run_dir import RunDir
 
 
 def cell_id(model: str, task: str, attack: str, seed: int) -> str:
@@ -37,12 +38,13 @@ def cell_id(model: str, task: str, attack: str, seed: int) -> str:
 
 
 def read_cell(path: Path) -> dict | None:
-    """A finished cell's JSON, or None when missing or corrupt (it will be recomputed)."""
+    """A finished cell's JSON, or None when missing or corrupt -- unreadable, or lacking a field the report reads
+    (`pmp.eval.metrics.cell_problem`) -- so that it is recomputed."""
     try:
         d = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    return d if isinstance(d, dict) and d.get("status") == "done" else None
+    return None if cell_problem(d) else d
 
 
 def _model_sha(spec: ModelSpec) -> str:
@@ -151,9 +153,8 @@ class Sweep:
 
     def _mask_of(self, m: ModelSpec, attack: Attack, model, task, seed: int) -> tuple[dict | None, dict]:
         """The layouts a sparse attack trains (None for dense kinds) and the cell's record of that mask."""
-        if attack.kind == "authorized":
+        if attack.kind == "authorized":  # resolve_models checked that the release is the one the run trained
             mask = self.masks[m.name]
-            _check_release_of_run(model, mask, m)
             return mask.layouts, {"source": "private", "density": mask.density(), "sha256": mask.fingerprint()}
         if attack.kind == "recovered_mask":
             rec = self.recovered[m.name]
@@ -214,13 +215,3 @@ class Sweep:
                 "seeds": self.seeds, "random_mask_density": self.density, "density_source": self.density_source,
                 "versions": self.versions, "git_commit": self.commit}
 
-
-def _check_release_of_run(model, mask: PrivateMask, spec: ModelSpec) -> None:
-    """The release given for a PMP model must be the one its private run trained: the mask names only its
-    parameters, and where the run kept its initial weights the mask's complement still equals them."""
-    named = dict(model.named_parameters())
-    missing = [n for n in mask.layouts if n not in named and n != "lm_head.weight"]
-    if missing:
-        raise ValueError(f"the private mask of {spec.private} names parameters the release {spec.path} does not "
-                         f"have (e.g. {missing[0]}): --private {spec.name}= points at another model's run")
-    check_complement(named, mask, RunDir(spec.private), spec.path, storage_dtype=torch.float32)

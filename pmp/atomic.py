@@ -93,6 +93,34 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def owner_only() -> Iterator[None]:
+    """Files and directories created in the block are owner-only (0600 / 0700): private artifacts (a run directory,
+    an audit) must not be readable by other users of the machine. umask is process-wide, hence restored after."""
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def remove_leftovers(directory: Path) -> list[Path]:
+    """Delete the temporaries an interrupted atomic write leaves (`.NAME.*.tmp`, `.NAME.old`) directly in
+    `directory`; returns what was removed. Call only while holding the directory's write lock."""
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for p in directory.iterdir():
+        if p.name.startswith(".") and (p.name.endswith(".tmp") or p.name.endswith(".old")):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import datasets
 import transformers
+from safetensors import SafetensorError
 
 from pmp.config import ExportConfig, RunConfig
 from pmp.data.prepare import prepare
@@ -254,6 +255,14 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _one_line(e: BaseException) -> str:
+    """An exception as one `error:` line; OS errors say which file and what the system said."""
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in str(e.args):
+        return f"{e.strerror or e} ({e.filename}): check the path, its permissions and free disk space"
+    text = str(e) or type(e).__name__
+    return " ".join(text.split()) if len(text.splitlines()) > 1 and len(text) < 400 else text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.simplefilter("default")
@@ -261,10 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     verb: Verb = args.verb_spec
     try:
         return verb.run(load_verb_config(verb, args), args)
-    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as e:
+    except (ValueError, OSError, CheckpointError, SafetensorError) as e:  # expected failures: bad input, disk, I/O
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; resume with --resume", file=sys.stderr)

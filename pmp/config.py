@@ -65,6 +65,8 @@ class TrainConfig:
     beta2: float = doc("AdamW beta2", 0.95)
     eps: float = doc("AdamW epsilon", 1e-8)
     grad_clip: float = doc("clip the global gradient norm to this (0 = off)", 1.0)
+    skip_nonfinite_batches: bool = doc("skip a batch whose loss is NaN/inf instead of stopping the run (off: a "
+                                       "non-finite loss stops with an error naming the step)", False)
     data_seed: int = doc("seed of the batch order (independent of the init seed: equal seeds = equal batches)", 0)
     eval_every: int = doc("held-out perplexity every N steps (0 = only at start and end)", 100)
     eval_batches: int = doc("held-out micro-batches per evaluation (0 = the whole held-out split)", 20)
@@ -140,6 +142,8 @@ class RunConfig:
         _check(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1/beta2 must be in [0, 1), got {}/{}",
                t.beta1, t.beta2)
         _check(t.grad_clip >= 0, "train.grad_clip must be >= 0 (0 = off), got {}", t.grad_clip)
+        _check(t.data_seed >= 0, "train.data_seed must be >= 0, got {}", t.data_seed)
+        _check(t.lr <= 10, "train.lr must be <= 10 (a learning rate above that only diverges), got {}", t.lr)
         for k in ("eval_every", "eval_batches", "ckpt_every", "threads", "snapshot_every"):
             _check(getattr(t, k) >= 0, "train.{} must be >= 0, got {}", k, getattr(t, k))
         _check(t.log_every >= 1, "train.log_every must be >= 1, got {}", t.log_every)

@@ -31,11 +31,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from pmp.atomic import atomic_dir, write_json, write_text
+from pmp.atomic import atomic_dir, owner_only, write_json, write_text
 from pmp.config import ExportConfig
 from pmp.mask import MASK_FILE, META_FILE, PrivateMask
 from pmp.model_card import attached_evaluation, model_card
-from pmp.run_dir import RunDir
+from pmp.run_dir import RunDir, check_complement
 from pmp.verify_release import FORBIDDEN_KEY_WORDS, RELEASE_FILE_RE, scan_release, stock_config_keys
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -72,11 +72,13 @@ def export_release(cfg: ExportConfig) -> Path:
         _check_target(mask_bundle, run.root, cfg.overwrite, "--mask-bundle", allow_run=True)
 
     evaluation = attached_evaluation(Path(cfg.report)) if cfg.report else None
+    model = _load_checked(run, mask, weights)
     name = cfg.name or out.resolve().name
     with atomic_dir(out, overwrite=out.exists()) as tmp:
-        n_params, hf = _save_model(run.final, tmp, DTYPES[cfg.dtype], cfg.max_shard_size, name, weights)
+        n_params, hf = _save_model(model, tmp, DTYPES[cfg.dtype], cfg.max_shard_size)
         _save_tokenizer(run.final if (run.final / "tokenizer_config.json").is_file() else run.tokenizer, tmp)
-        commit_hex = _commitment(run, mask) if cfg.commitment else None
+        with owner_only():  # the salt is an owner secret
+            commit_hex = _commitment(run, mask) if cfg.commitment else None
         card = model_card(name=name, hf=hf, n_params=n_params, cfg=run_cfg, status=status, method=method,
                           dtype=cfg.dtype, license=cfg.license,
                           density=mask.density() if cfg.publish_density else None, commitment=commit_hex,
@@ -87,7 +89,7 @@ def export_release(cfg: ExportConfig) -> Path:
         if not report.ok:  # an invariant of this module, not bad user input
             raise RuntimeError(f"refusing to publish: the release fails its own audit\n{report}")
     if mask_bundle is not None:
-        with atomic_dir(mask_bundle, overwrite=mask_bundle.exists()) as tmp:
+        with owner_only(), atomic_dir(mask_bundle, overwrite=mask_bundle.exists()) as tmp:
             for f in (MASK_FILE, META_FILE):
                 shutil.copy2(run.private / f, tmp / f)
     return out
@@ -157,10 +159,22 @@ def _check_target(target: Path, run_root: Path, overwrite: bool, flag: str, allo
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def _save_model(final: Path, tmp: Path, dtype: torch.dtype, max_shard_size, name: str, weights: Path | None = None):
-    model = AutoModelForCausalLM.from_pretrained(str(final), dtype=torch.float32)
+def _load_checked(run: RunDir, mask: PrivateMask | None, weights: Path | None) -> torch.nn.Module:
+    """The model to publish (final, or an earlier state), refused when a weight is not finite or -- for a PMP run --
+    when its complement is not the run's stored init (e.g. two runs wrote into one directory)."""
+    model = AutoModelForCausalLM.from_pretrained(str(run.final), dtype=torch.float32)
     if weights is not None:  # an earlier state of the same run: same architecture, every key present
         model.load_state_dict(load_file(str(weights)), strict=True)
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise ValueError(f"{run.root}: the weights to release hold NaN/inf values ({len(bad)} tensors, e.g. {bad[0]}); "
+                         "the run diverged -- refusing to publish it")
+    if mask is not None:
+        check_complement(dict(model.named_parameters()), mask, run, run.final)
+    return model
+
+
+def _save_model(model: torch.nn.Module, tmp: Path, dtype: torch.dtype, max_shard_size):
     model.to(dtype)
     model.config.dtype = dtype
     model.config._name_or_path = ""

@@ -26,7 +26,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from pmp.atomic import atomic_file, sha256_file, write_json, write_text
+from pmp.atomic import atomic_file, sha256_bytes, sha256_file, write_json, write_text
 from pmp.config import RunConfig, config_from_dict
 from pmp.mask import META_FILE, PrivateMask
 from pmp.step_dir import list_step_dirs, step_dir_name, step_of, verified_weights
@@ -99,12 +99,24 @@ class RunDir:
 
     # ------------------------------------------------------------------ initial weights (owner secret)
     def save_init(self, state: Mapping[str, torch.Tensor], seed: int, pinned: bool, parameters: int) -> None:
-        """The initial weights and the record of their seed; atomic, the weights first."""
+        """Record the seed (with the sha256 of the weights it gives) FIRST, then write the weights: a crash in
+        between leaves the seed on record, from which `restore_init` rebuilds the weights exactly."""
+        blob = _init_bytes(state)
         self.private.mkdir(parents=True, exist_ok=True)
-        with atomic_file(self.init_weights) as f:
-            f.write(save({k: v.contiguous() for k, v in state.items()}))
-        write_json(self.init_record, {"seed": seed, "pinned": pinned, "sha256": sha256_file(self.init_weights),
+        write_json(self.init_record, {"seed": seed, "pinned": pinned, "sha256": sha256_bytes(blob),
                                       "parameters": parameters})
+        with atomic_file(self.init_weights) as f:
+            f.write(blob)
+
+    def restore_init(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Write initial weights rebuilt from the recorded seed, only if they are exactly the recorded ones."""
+        blob = _init_bytes(state)
+        if sha256_bytes(blob) != json.loads(self.init_record.read_text())["sha256"]:
+            raise ValueError(f"{self.init_weights} is missing and the weights rebuilt from the seed in "
+                             f"{self.init_record} differ from the recorded ones (another pmp, torch or transformers "
+                             "version?); restore the run's own init.safetensors to resume")
+        with atomic_file(self.init_weights) as f:
+            f.write(blob)
 
     def load_init(self) -> dict[str, torch.Tensor]:
         """The initial weights, verified against the sha256 recorded beside them."""
@@ -112,6 +124,10 @@ class RunDir:
         if sha256_file(self.init_weights) != meta["sha256"]:
             raise ValueError(f"{self.init_weights} fails its sha256: the private initial weights are corrupt")
         return load_file(str(self.init_weights))
+
+    def has_trained(self) -> bool:
+        """Whether anything derived from the initial weights exists (a checkpoint, snapshot or final model)."""
+        return bool(list_step_dirs(self.checkpoints) or list_step_dirs(self.snapshots)) or self.final.is_dir()
 
     def init_seed(self) -> int | None:
         return int(json.loads(self.init_record.read_text())["seed"]) if self.init_record.is_file() else None
@@ -141,10 +157,16 @@ class RunDir:
 
     def val_ppl_by_step(self) -> dict[int, float]:
         """Held-out perplexity of every evaluation in metrics.jsonl, by step (empty when there is none)."""
+        return self._eval_by_step("val_ppl")
+
+    def val_loss_by_step(self) -> dict[int, float]:
+        return self._eval_by_step("val_loss")
+
+    def _eval_by_step(self, key: str) -> dict[int, float]:
         if not self.metrics.is_file():
             return {}
-        rows = (json.loads(line) for line in self.metrics.read_text().splitlines())
-        return {r["step"]: r["val_ppl"] for r in rows if "val_ppl" in r}
+        rows = (json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip())
+        return {r["step"]: r[key] for r in rows if key in r}
 
     def write_status(self, **fields) -> None:
         cur = self.read_status() if self.status.is_file() else {}
@@ -157,36 +179,46 @@ class RunDir:
         return config_from_dict(yaml.safe_load(self.config.read_text())).validate()
 
 
+# What a run writes before run.json exists (initialize_run writes config.yaml, then run.json): a directory holding
+# only these was interrupted before it started.
+_BEFORE_START = {".pmp.lock", "config.yaml"}
+
+
 def open_run(out: str | Path, cfg: RunConfig, resume: bool) -> RunDir:
     """Check that `out` may take a fresh run (or is the same run, when resuming); writes nothing.
 
     Refuses a directory that holds anything else -- another run or unrelated files -- so nothing the user has is
-    ever overwritten. Call `initialize_run` once the inputs have loaded, so bad input leaves no half-made run.
-    """
+    ever overwritten. Call `initialize_run` once the inputs have loaded, so bad input leaves no half-made run. A run
+    interrupted before run.json was written (only its config.yaml exists) is resumed with --resume."""
     run = RunDir(Path(out))
+    if run.root.exists() and not run.root.is_dir():
+        raise FileExistsError(f"--out {run.root} exists and is not a directory")
+    entries = {p.name for p in run.root.iterdir()} if run.root.is_dir() else set()
+    entries = {e for e in entries if not (e.startswith(".") and e.endswith((".tmp", ".old")))}
+    started = run.is_run() or (run.config.is_file() and entries <= _BEFORE_START)
     if resume:
-        if not run.is_run():
+        if not started:
             raise FileNotFoundError(f"--resume: {run.root} holds no pmp run to resume (no run.json)")
         diff = config_difference(run, cfg)
         if diff:
             raise ValueError(f"--resume: the config differs from the one {run.root} was started with ({diff}); "
                              "resume without a config (or with the same one) or start a new --out directory")
         return run
-    if run.root.exists():
-        if not run.root.is_dir():
-            raise FileExistsError(f"--out {run.root} exists and is not a directory")
-        if run.is_run():
-            raise FileExistsError(f"--out {run.root} already holds a pmp run; pass --resume to continue it, or "
-                                  "choose a new directory")
-        if any(run.root.iterdir()):
-            raise FileExistsError(f"--out {run.root} is not empty; choose a new or empty directory")
+    if started and not run.is_run():
+        raise FileExistsError(f"--out {run.root} holds a run interrupted before it started (config.yaml, no run.json);"
+                              f" continue it with `pmp pretrain --out {run.root} --resume`")
+    if run.is_run():
+        raise FileExistsError(f"--out {run.root} already holds a pmp run; pass --resume to continue it, or "
+                              "choose a new directory")
+    if entries - {".pmp.lock"}:
+        raise FileExistsError(f"--out {run.root} is not empty; choose a new or empty directory")
     return run
 
 
 # Settings that say how a run is watched and kept, not what it trains: they may differ between a run and a config
 # that would reproduce it.
 BOOKKEEPING = {"train": ("progress", "tensorboard", "log_every", "eval_every", "eval_batches", "ckpt_every",
-                         "keep_last", "snapshot_every", "threads")}
+                         "keep_last", "snapshot_every", "threads", "skip_nonfinite_batches")}
 
 
 def config_difference(run: RunDir, cfg: RunConfig) -> str:
@@ -204,7 +236,7 @@ def config_difference(run: RunDir, cfg: RunConfig) -> str:
 
 
 def initialize_run(run: RunDir, cfg: RunConfig) -> None:
-    """Create the run directory with its config and status (fresh runs only)."""
+    """Create the run directory with its config, then its status (fresh runs and runs interrupted before run.json)."""
     run.root.mkdir(parents=True, exist_ok=True)
     write_text(run.config, dump_yaml(cfg))
     run.write_status(status="running", method=cfg.train.method, step=0)
@@ -272,3 +304,8 @@ def check_complement(weights: Mapping[str, torch.Tensor], mask: PrivateMask, run
     if share is not None and share < COMPLEMENT_MIN_SHARE:
         raise ValueError(f"the release {release} does not belong to the private run {run.root}: only {share:.1%} of "
                          "the mask's complement equals the run's initial weights (a PMP release keeps 100%)")
+
+
+def _init_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
+    """The safetensors bytes of the initial weights (deterministic for equal tensors)."""
+    return save({k: v.detach().contiguous().cpu() for k, v in state.items()})

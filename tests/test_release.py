@@ -433,10 +433,14 @@ def test_commitment_round_trip(runs, release, tmp_path):
     PrivateMask.from_bool(flipped, mask.meta).save(other / "private")
     assert verify_commitment(rel, other) is False
     assert main(["prove-ownership", str(rel), "--private", str(other)]) == 1
-    export(other, tmp_path / "rel_other", commitment=True)
-    assert json.loads((other / "private" / "commitment.json").read_text())["salt"] != salt
-    assert verify_commitment(rel, other) is False
-    assert verify_commitment(tmp_path / "rel_other", other) is True
+    with pytest.raises(ValueError, match="does not belong to the private run"):  # its complement is not its init
+        export(other, tmp_path / "never", commitment=True)
+    fresh = Path(shutil.copytree(run, tmp_path / "fresh"))  # the same run without its salt: a new commitment
+    (fresh / "private" / "commitment.json").unlink()
+    export(fresh, tmp_path / "rel_other", commitment=True)
+    assert json.loads((fresh / "private" / "commitment.json").read_text())["salt"] != salt
+    assert verify_commitment(rel, fresh) is False
+    assert verify_commitment(tmp_path / "rel_other", fresh) is True
     with pytest.raises(ValueError, match="no ownership commitment"):
         verify_commitment(release, run)
 

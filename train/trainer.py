@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
-from pmp.atomic import atomic_dir, atomic_file
+from pmp.atomic import atomic_dir, atomic_file, owner_only, remove_leftovers
 from pmp.config import RunConfig
 from pmp.data.blocks import BatchStream, eval_batches, token_blocks
 from pmp.data.corpus import load_documents, split_documents
+from pmp.dir_lock import LOCK_FILE, exclusive
 from pmp.identify import MaskIdentifier
 from pmp.mask import PrivateMask
 from pmp.masked_optim import MaskedAdamW
@@ -40,12 +42,32 @@ from pmp.train.checkpoint import (
 from pmp.train.logger import RunLogger, memory_mb
 from pmp.weight_decay import param_groups
 
+MAX_SKIPS_IN_A_ROW = 10  # with train.skip_nonfinite_batches: more non-finite batches in a row stop the run
+
+
+class NonFiniteLoss(ValueError):
+    """The training loss or gradient norm became NaN / inf."""
+
 
 def pretrain(cfg: RunConfig, out: str | Path, resume: bool = False) -> RunDir:
-    """Library entry point of `pmp pretrain`: train (or resume) the run in `out`; returns its RunDir."""
-    trainer = Trainer(cfg, Path(out), resume)
-    trainer.train()
-    return trainer.run
+    """Library entry point of `pmp pretrain`: train (or resume) the run in `out`; returns its RunDir.
+
+    The config and the directory are checked before anything is written; the run directory is then held by one
+    writer (pmp/dir_lock.py) and everything in it is created owner-only."""
+    cfg.validate()
+    out = Path(out)
+    open_run(out, cfg, resume)  # refuse early, before the lock creates the directory
+    created = not out.exists()
+    try:
+        with owner_only(), exclusive(out, "run directory"):
+            remove_leftovers(out)
+            trainer = Trainer(cfg, out, resume)
+            trainer.train()
+            return trainer.run
+    except BaseException:
+        if created and {p.name for p in out.iterdir()} <= {LOCK_FILE}:  # failed before writing anything
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def resolve_device(name: str) -> torch.device:
@@ -76,9 +98,9 @@ class Trainer:
             torch.set_num_threads(t.threads)
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=self.device.type == "cuda")
-        self.run = open_run(out, cfg, resume)
+        self.run = open_run(out, cfg, resume)  # again, under the lock
         self.tokenizer, self.train_blocks, self.val_blocks = self._load_data(resume)
-        if not resume:
+        if not self.run.is_run():  # fresh, or interrupted before run.json was written
             initialize_run(self.run, cfg)
         if not self.run.tokenizer.is_dir():
             with atomic_dir(self.run.tokenizer, overwrite=True) as tmp:
@@ -106,6 +128,7 @@ class Trainer:
             self._restore(ckpts[-1])
         elif resume:
             print(f"[pmp] --resume: no checkpoint in {self.run.checkpoints} yet; starting from step 0")
+            _truncate_metrics(self.run.metrics, -1)  # all of it will be produced again
         self.log = RunLogger(self.run.metrics, t.steps, self.step, t.progress,
                              self.run.root / "tb" if t.tensorboard else None)
 
@@ -123,9 +146,21 @@ class Trainer:
         return tok, train_blocks, val_blocks
 
     def _initial_weights(self, resume: bool) -> dict[str, torch.Tensor]:
-        """The secret initial weights: drawn fresh (and stored in private/), or re-read and verified."""
-        if resume and self.run.init_weights.is_file():
-            return self.run.load_init()
+        """The secret initial weights: re-read and verified, rebuilt from the recorded seed, or drawn fresh -- never
+        redrawn for a run that already trained from them (its complement would stop matching)."""
+        run = self.run
+        if run.init_record.is_file():
+            if run.init_weights.is_file():
+                return run.load_init()
+            seed = int(json.loads(run.init_record.read_text())["seed"])
+            state = {k: v.detach().clone() for k, v in build_model(self.hf_cfg, seed).state_dict().items()}
+            run.restore_init(state)
+            print(f"[pmp] rebuilt {run.init_weights} from the recorded seed (sha256 verified)")
+            return state
+        if run.init_weights.is_file() or (resume and run.has_trained()):
+            raise ValueError(f"{run.root}: the record of the initial weights' seed ({run.init_record}) is missing but "
+                             "the run already trained from them; restore private/init.json (and init.safetensors) "
+                             "from a backup -- a new init would not match the frozen complement")
         seed = draw_init_seed(self.cfg.model.init_seed)
         model = build_model(self.hf_cfg, seed)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -160,7 +195,9 @@ class Trainer:
         self.mask.save(self.run.private)
         with atomic_file(self.run.identification, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in self.identifier.history)
-        self.log.echo(f"[pmp] mask identified at step {self.step} ({rec['reason']}, last IoU {rec['iou']:.4f}): "
+        checks = sum(1 for r in self.identifier.history if r.get("checked"))
+        iou = f"last IoU {rec['iou']:.4f}" if checks >= 2 else f"{checks} mask check(s): no IoU to compare yet"
+        self.log.echo(f"[pmp] mask identified at step {self.step} ({rec['reason']}, {iou}): "
                       f"{self.mask.nnz:,} of {self.mask.total:,} entries ({self.mask.density():.4f})")
         by_kind = self.mask.density_by_kind()
         self.log.echo("[pmp] mask density by kind: " + ", ".join(f"{k} {v:.3f}" for k, v in by_kind.items()))
@@ -190,9 +227,15 @@ class Trainer:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
             loss = self._forward_backward()
+            if not math.isfinite(loss):
+                self._non_finite("loss", loss)  # raises, or skips this batch with train.skip_nonfinite_batches
+                continue
+            self.skipped_in_a_row = 0
             rec = self.identifier.observe(self.step + 1) if self.phase == "identify" else None
             step_phase = self.phase
             grad_norm = self._clip()
+            if not math.isfinite(grad_norm):
+                self._non_finite("gradient norm", grad_norm, skippable=False)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             if self.masked is not None:
@@ -221,6 +264,22 @@ class Trainer:
             if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps:
                 self._save_checkpoint()
         self._finish()
+
+    def _non_finite(self, what: str, value: float, skippable: bool = True) -> None:
+        """Stop with an error that names the step (the last checkpoint stays valid), or skip the batch."""
+        t = self.cfg.train
+        self.skipped_in_a_row = getattr(self, "skipped_in_a_row", 0) + 1
+        if skippable and t.skip_nonfinite_batches and self.skipped_in_a_row <= MAX_SKIPS_IN_A_ROW:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.log.log({"step": self.step, "phase": self.phase, "skipped_batch": what, "value": str(value)},
+                         f"step {self.step:6d} | skipped a batch: {what} is {value}")
+            return
+        if self.skipped_in_a_row > MAX_SKIPS_IN_A_ROW:
+            what = f"{what} of {self.skipped_in_a_row} batches in a row (the weights themselves may be broken)"
+        raise NonFiniteLoss(f"the training {what} is {value} at step {self.step + 1} ({self.phase} phase, lr "
+                            f"{self.optimizer.param_groups[0]['lr']:.3g}): lower train.lr or check the data"
+                            + ("; train.skip_nonfinite_batches=true skips such batches" if skippable else "")
+                            + f"; `pmp pretrain --out {self.run.root} --resume` continues from the last checkpoint")
 
     def _forward_backward(self) -> float:
         t, total = self.cfg.train, 0.0
@@ -293,7 +352,8 @@ class Trainer:
 
     def _finish(self) -> None:
         if not hasattr(self, "last_val"):  # resumed a run that had already reached its last step
-            self._evaluate()
+            logged = self.run.val_loss_by_step().get(self.step)
+            self.last_val = logged if logged is not None else self._evaluate()
         model = self.masked.detach() if self.masked is not None else self.model
         with atomic_dir(self.run.final, overwrite=True) as tmp:
             model.save_pretrained(str(tmp))

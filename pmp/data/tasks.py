@@ -92,6 +92,10 @@ def load_task_file(path: str, text_column: str = "text", label_column: str = "la
     if len(keep) < 2:
         raise ValueError(f"{path}: need at least 2 distinct labelled texts for a train/test split, got {len(keep)}")
     ds = ds.select(sorted(keep))
-    train_idx, test_idx = fixed_split([" ".join(t.lower().split()) for t in ds["text"]], test_fraction)
     names = ds.features["label"].names
+    present = sorted(set(ds["label"]))
+    if len(present) < 2:
+        raise ValueError(f"a task needs at least 2 classes; {path} has only label {names[present[0]]!r} once texts "
+                         f"seen with conflicting labels are dropped")
+    train_idx, test_idx = fixed_split([" ".join(t.lower().split()) for t in ds["text"]], test_fraction)
     return TaskData(Path(path).stem, "classification", ds.select(train_idx), ds.select(test_idx), len(names), names)
