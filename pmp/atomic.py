@@ -108,14 +108,17 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def remove_leftovers(directory: Path) -> list[Path]:
+def remove_leftovers(directory: Path, name: str = "") -> list[Path]:
     """Delete the temporaries an interrupted atomic write leaves (`.NAME.*.tmp`, `.NAME.old`) directly in
-    `directory`; returns what was removed. Call only while holding the directory's write lock."""
+    `directory` -- of every NAME, or only of `name`; returns what was removed. Call only where no other process
+    writes the same names (under the directory's write lock, or for a target only this verb writes)."""
     removed = []
     if not directory.is_dir():
         return removed
+    prefix = f".{name}." if name else "."
     for p in directory.iterdir():
-        if p.name.startswith(".") and (p.name.endswith(".tmp") or p.name.endswith(".old")):
+        if p.name.startswith(prefix) and (p.name.endswith(".tmp") or p.name == f".{name}.old" or
+                                          (not name and p.name.endswith(".old"))):
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
             removed.append(p)
     return removed

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from pmp.atomic import atomic_dir, owner_only, write_json, write_text
+from pmp.atomic import atomic_dir, owner_only, remove_leftovers, write_json, write_text
 from pmp.config import ExportConfig
 from pmp.mask import MASK_FILE, META_FILE, PrivateMask
 from pmp.model_card import attached_evaluation, model_card
@@ -74,6 +74,7 @@ def export_release(cfg: ExportConfig) -> Path:
     evaluation = attached_evaluation(Path(cfg.report)) if cfg.report else None
     model = _load_checked(run, mask, weights)
     name = cfg.name or out.resolve().name
+    remove_leftovers(out.resolve().parent, out.resolve().name)  # of an export of `out` that was interrupted
     with atomic_dir(out, overwrite=out.exists()) as tmp:
         n_params, hf = _save_model(model, tmp, DTYPES[cfg.dtype], cfg.max_shard_size)
         _save_tokenizer(run.final if (run.final / "tokenizer_config.json").is_file() else run.tokenizer, tmp)

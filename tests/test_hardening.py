@@ -4,6 +4,7 @@ stop instead of training to NaN."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -282,3 +283,29 @@ def test_resume_without_checkpoint_writes_each_row_once(corpus, tmp_path, monkey
     run = pretrain(load_config(None, sets(corpus)), tmp_path / "run", resume=True)
     keys = [(r["step"], tuple(sorted(r))) for r in map(json.loads, run.metrics.read_text().splitlines())]
     assert len(keys) == len(set(keys))
+
+
+def test_an_interrupted_export_leaves_nothing_behind_after_the_next(finished, tmp_path):
+    (tmp_path / ".rel.k2j3.tmp").mkdir()  # what a killed export of tmp_path/rel leaves
+    (tmp_path / ".rel.k2j3.tmp" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".other.tmp").write_text("not ours")
+    export_release(ExportConfig(run=str(finished), out=str(tmp_path / "rel")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp", "rel"]
+
+
+def test_disk_full_during_a_checkpoint_is_one_error_line(corpus, tmp_path, capsys, monkeypatch):
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "checkpoints"))
+
+    monkeypatch.setattr("pmp.step_dir.save_file", full)
+    assert main(cli(corpus, tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: No space left on device") and "free disk space" in err and err.count("\n") == 1
+
+
+def test_a_dense_export_does_not_talk_about_a_mask(corpus, tmp_path, capsys):
+    run = tmp_path / "dense"
+    pretrain(load_config(None, sets(corpus, **{"train.method": "dense", "train.steps": 10})), run)
+    assert main(["export", str(run), "--out", str(tmp_path / "rel")]) == 0
+    out = capsys.readouterr().out
+    assert "release written to" in out and "mask" not in out

@@ -62,7 +62,10 @@ def pretrain(cfg: RunConfig, out: str | Path, resume: bool = False) -> RunDir:
         with owner_only(), exclusive(out, "run directory"):
             remove_leftovers(out)
             trainer = Trainer(cfg, out, resume)
-            trainer.train()
+            try:
+                trainer.train()
+            finally:
+                trainer.log.close()  # also when training stops with an error
             return trainer.run
     except BaseException:
         if created and {p.name for p in out.iterdir()} <= {LOCK_FILE}:  # failed before writing anything
@@ -362,7 +365,6 @@ class Trainer:
                               final_val_loss=self.last_val, final_val_ppl=math.exp(self.last_val))
         self.log.echo(f"[pmp] finished: held-out perplexity {math.exp(self.last_val):.2f}; final private model in "
                       f"{self.run.final}")
-        self.log.close()
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
