@@ -8,6 +8,7 @@
   pmp attack --models pmp=REL dense=REL [--private pmp=RUN] --out RES   fine-tuning attacks
   pmp report RES [--out DIR]                  Markdown + PNG report of the attack results
   pmp audit RELEASE --private RUN [--out DIR]  mask secrecy audit: can the mask be read off the release?
+  pmp protect rescale --base RUN --out RUN2   a protected run (secret function-preserving rescaling)
 
 Every verb takes a typed config (pmp.config, pmp.eval.config, pmp.pipeline): a YAML recipe (`CONFIG` for
 pretrain / pipeline, `--config FILE` for the others), `--set key=value` overrides, and one flag per field, generated
@@ -30,13 +31,14 @@ import datasets
 import transformers
 from safetensors import SafetensorError
 
-from pmp.config import ExportConfig, RunConfig
+from pmp.config import ExportConfig, ProtectConfig, RunConfig
 from pmp.data.prepare import prepare
 from pmp.eval.attack import run_attack
 from pmp.eval.audit import run_audit
 from pmp.eval.config import AttackConfig, AuditConfig, ReportConfig
 from pmp.eval.report import write_report
 from pmp.pipeline import PipelineConfig, run_pipeline
+from pmp.protect import protect
 from pmp.release import export_release, verify_commitment
 from pmp.run_dir import RunDir
 from pmp.step_dir import CheckpointError
@@ -123,6 +125,12 @@ def cmd_report(cfg: ReportConfig, args) -> int:
     return 0
 
 
+def cmd_protect(cfg: ProtectConfig, args) -> int:
+    out = protect(cfg)
+    print(f"[protect] next: pmp export {out} --out RELEASE")
+    return 0
+
+
 def cmd_audit(cfg: AuditConfig, args) -> int:
     run_audit(cfg)
     return 0
@@ -152,6 +160,8 @@ VERBS = [
                   "--no-audit": "pipeline.audit", "--matched-baseline": "pipeline.matched_baseline"}),
     Verb("export", "write the public release (stock HF model directory) of a finished run", ExportConfig, cmd_export,
          positional=("run",)),
+    Verb("protect", "turn a finished run into a protected run (method rescale: a function-preserving secret "
+         "rescaling); `pmp export` releases it", ProtectConfig, cmd_protect, positional=("method",)),
     Verb("verify-release", "audit a release: stock files, stock loading, no mask-derived content; exit 1 on any "
          "failure", VerifyConfig, cmd_verify_release, positional=("release",)),
     Verb("prove-ownership", "check that a release's card commitment opens with RUN's mask", OwnershipConfig,

@@ -210,6 +210,33 @@ class ExportConfig:
         return self
 
 
+PROTECT_METHODS = ("rescale",)
+PLANNED_METHODS = ("sophon", "sophon_nlp", "mlac", "sdd", "sdd_reject")
+
+
+@dataclass
+class ProtectConfig:
+    method: str = doc("protection to apply to a finished run: rescale (a function-preserving secret rescaling; "
+                      "the suite's positive control)", "rescale")
+    base: str = doc("the finished private run to protect (the --out of `pmp pretrain`, method dense)", "")
+    out: str = doc("the protected run directory to create (private, like any run: `pmp export` releases it)", "")
+    strength: float = doc("rescale: log c ~ U[-ln C, ln C] per scaled unit, C = this (> 1; e.g. 10, 100, 1000)",
+                          100.0)
+    bf16_tolerance: float = doc("rescale: refuse a strength whose bf16 copy changes the logits by more than this "
+                                "(max |diff| / max |logit|) or overflows", 0.05)
+
+    def validate(self) -> ProtectConfig:
+        _check(self.method not in PLANNED_METHODS, "protect method {!r} is not implemented yet (available: {})",
+               self.method, ", ".join(PROTECT_METHODS))
+        _check(self.method in PROTECT_METHODS, "protect method must be one of {}, got {!r}", list(PROTECT_METHODS),
+               self.method)
+        _check(bool(self.base), "protect needs --base RUN (a finished run to protect)")
+        _check(bool(self.out), "protect needs --out RUN2 (the protected run directory to create)")
+        _check(self.strength > 1, "strength must be > 1 (log c ~ U[-ln C, ln C]), got {}", self.strength)
+        _check(0 < self.bf16_tolerance < 1, "bf16_tolerance must be in (0, 1), got {}", self.bf16_tolerance)
+        return self
+
+
 def config_from_dict(data: dict) -> RunConfig:
     return from_dict(RunConfig, data)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 MAIN_TABLE = "## Main table"
+TAGS = {"pmp": "private-mask-pretraining", "rescale": "secret-rescaling", "dense": "dense-baseline"}
 
 
 def _corpus_name(corpus: str) -> str:
@@ -33,7 +34,7 @@ def model_card(*, name: str, hf: dict, n_params: int, cfg, status: dict, method:
     ppl = status.get("final_val_ppl")
     lines = [
         "---", "library_name: transformers", "pipeline_tag: text-generation", f"license: {license}",
-        "tags:", "- causal-lm", f"- {'private-mask-pretraining' if method == 'pmp' else 'dense-baseline'}", "---",
+        "tags:", "- causal-lm", f"- {TAGS.get(method, 'dense-baseline')}", "---",
         "", f"# {name}", "",
         "## Model", "",
         f"A causal language model with the stock `{arch}` architecture of Hugging Face `transformers` "
@@ -41,7 +42,7 @@ def model_card(*, name: str, hf: dict, n_params: int, cfg, status: dict, method:
         "`AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`; no custom code and no "
         "`trust_remote_code` are needed.", "",
         "## Training", "",
-        f"Pre-trained from scratch with pmp (Private Mask Pre-Training), method `{method}`, on "
+        f"Pre-trained from scratch with pmp (Private Mask Pre-Training), method `{t.method}`, on "
         f"{_corpus_name(cfg.data.corpus)}"
         f"{f', first {cfg.data.max_chars:,} characters' if cfg.data.max_chars else ''}: {steps:,} optimizer steps of "
         f"{t.batch_size} x {t.grad_accum} sequences of {cfg.data.seq_len} tokens, {tokens:,} tokens seen, "
@@ -69,6 +70,14 @@ def model_card(*, name: str, hf: dict, n_params: int, cfg, status: dict, method:
         if commitment:
             lines += ["", "Ownership commitment (the owner can open it by revealing the salt and the mask): "
                           f"sha256(salt || mask fingerprint) = `{commitment}`"]
+    elif method == "rescale":
+        lines += [
+            "## Protection: a secret rescaling", "",
+            "After pre-training, the owner applied a secret, function-preserving rescaling to the weights (pmp "
+            "`protect rescale`): the model computes the same function as before and loads as a stock model, but "
+            "fine-tuning optimizers are not invariant to these scales. It is a deterrent, not a guarantee: "
+            "re-balancing the scaled weights undoes it. The scales are not released.",
+        ]
     else:
         lines += [
             "## Dense baseline", "",
@@ -82,7 +91,8 @@ def model_card(*, name: str, hf: dict, n_params: int, cfg, status: dict, method:
     else:
         lines += ["Not measured for this card: beyond the held-out perplexity above, no evaluation of this model "
                   "is stated here -- neither downstream quality nor" + (" resistance to fine-tuning nor mask secrecy."
-                  if method == "pmp" else " how it compares with a protected model.")]
+                  if method == "pmp" else " resistance to fine-tuning." if method == "rescale"
+                  else " how it compares with a protected model.")]
     lines += ["", "## Limitations", "",
               "Trained only on the corpus named above, whose biases it inherits; no instruction or safety tuning.",
               ""]

@@ -9,7 +9,8 @@ RUN/
   checkpoints/        resumable checkpoints (format: pmp/step_dir.py; written by pmp.train.checkpoint)
   snapshots/          weight snapshots of earlier steps (train.snapshot_every), never deleted
   private/            NEVER published: mask.{safetensors,json}, init.{safetensors,json} (initial weights + seed),
-                      identification.jsonl, commitment.json (ownership salt)
+                      identification.jsonl, commitment.json (ownership salt), rescale.{safetensors,json} (the
+                      secret scales of a `pmp protect rescale` run)
   final/              the final private model (stock HF directory; `pmp export` makes the public release)
   audit/              default output of `pmp audit` (describes the mask: private too)
 """
@@ -90,6 +91,14 @@ class RunDir:
     @property
     def commitment(self) -> Path:
         return self.private / "commitment.json"
+
+    @property
+    def rescale_key(self) -> Path:
+        return self.private / "rescale.safetensors"
+
+    @property
+    def rescale_record(self) -> Path:
+        return self.private / "rescale.json"
 
     def has_mask(self) -> bool:
         return (self.private / META_FILE).is_file()

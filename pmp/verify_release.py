@@ -308,6 +308,11 @@ def _private_scans(report: VerifyReport, release: Path, run_root: Path) -> None:
                 str(seed).encode(), f"{seed:x}".encode(), f"{seed:X}".encode(),
                 *(seed.to_bytes(n, order) for n in (8, 16) if seed < 2 ** (8 * n - 1) for order in ("little", "big"))
             ]}, release))
+    if run.rescale_key.is_file():  # the secret scales of a `pmp protect rescale` run, as stored
+        raw = run.rescale_key.read_bytes()
+        data = raw[8 + int.from_bytes(raw[:8], "little"):]  # skip the safetensors header: names are generic
+        pieces = [data[i:i + 32] for i in range(0, max(len(data) - 32, 0), max(len(data) // 16, 32))]
+        report.add("no rescale key bytes in any file", _find_literals(files, {"rescale key": pieces}))
     if run.commitment.is_file():
         salt = json.loads(run.commitment.read_text())["salt"]
         report.add("no commitment salt in any file",

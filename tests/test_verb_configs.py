@@ -21,6 +21,7 @@ VERB_ARGS = {
     "attack": (["attack", "--models", "pmp=REL", "--out", "RES"], "suit", "suite"),
     "report": (["report", "RES"], "baseline_", "baseline"),
     "audit": (["audit", "REL", "--private", "RUN"], "max_seed_", "max_seed"),
+    "protect": (["protect", "rescale", "--base", "RUN", "--out", "RUN2"], "strenght", "strength"),
 }
 
 

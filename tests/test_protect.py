@@ -1,0 +1,106 @@
+"""`pmp protect rescale`: a protected run that export, verify-release and the attacks treat like any run; the
+release computes the base's function; the key never reaches it; bad input is refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+
+import pytest
+import torch
+from corpus_fixture import write_corpus
+from transformers import AutoModelForCausalLM
+
+from pmp.cli import main
+from pmp.config import ExportConfig, ProtectConfig, load_config
+from pmp.protect import protect
+from pmp.release import export_release
+from pmp.run_dir import RunDir
+from pmp.train.trainer import pretrain
+from pmp.verify_release import verify_release
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("protect")
+    files = write_corpus(d)
+    sets = {"data.corpus": files, "data.cache_dir": str(d / "cache"), "data.seq_len": 32, "data.val_fraction": 0.1,
+            "tokenizer.vocab_size": 320, "model.preset": "tiny", "model.hidden_size": 32,
+            "model.intermediate_size": 64, "train.steps": 10, "train.batch_size": 4, "train.warmup_steps": 2,
+            "train.eval_every": 10, "train.eval_batches": 2, "train.ckpt_every": 10, "train.progress": False,
+            "train.threads": 1, "pmp.min_warmup_steps": 3, "pmp.max_warmup_steps": 3, "pmp.iou_lag_steps": 3}
+    over = [f"{k}={v}" for k, v in sets.items()]
+    dense = pretrain(load_config(None, over + ["train.method=dense"]), d / "dense").root
+    pmp_run = pretrain(load_config(None, over), d / "pmp").root
+    return d, dense, pmp_run
+
+
+def logits(path, ids):
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)(input_ids=ids).logits.double()
+
+
+def test_protect_export_verify_same_function(runs, tmp_path, capsys):
+    _, dense, _ = runs
+    out = tmp_path / "locked"
+    assert main(["protect", "rescale", "--base", str(dense), "--out", str(out), "--strength", "100"]) == 0
+    run = RunDir(out)
+    status = run.read_status()
+    assert status["method"] == "rescale" and status["status"] == "finished" and status["strength"] == 100.0
+    assert status["function_check"]["fp32_max_rel_diff"] < 1e-4
+    assert stat.S_IMODE(run.rescale_key.stat().st_mode) == 0o600
+    rel = export_release(ExportConfig(run=str(out), out=str(tmp_path / "rel")))
+    base_rel = export_release(ExportConfig(run=str(dense), out=str(tmp_path / "base_rel")))
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    ref, got = logits(base_rel, ids), logits(rel, ids)
+    assert (got - ref).abs().max() / ref.abs().max() < 1e-4
+    w_base = AutoModelForCausalLM.from_pretrained(str(base_rel)).model.layers[0].mlp.up_proj.weight
+    w_rel = AutoModelForCausalLM.from_pretrained(str(rel)).model.layers[0].mlp.up_proj.weight
+    assert not torch.allclose(w_base, w_rel)  # the weights differ: the scales are there
+    report = verify_release(rel, out, load=False)
+    assert report.ok and "no rescale key bytes in any file" in [c.name for c in report.checks], str(report)
+    card = (rel / "README.md").read_text()
+    assert "secret rescaling" in card and "100" not in card.split("## Protection")[1].split("##")[0]
+
+
+def test_a_leaked_key_fails_verify_release(runs, tmp_path):
+    _, dense, _ = runs
+    out = protect(ProtectConfig(base=str(dense), out=str(tmp_path / "locked"), strength=10))
+    rel = export_release(ExportConfig(run=str(out), out=str(tmp_path / "rel")))
+    leak = tmp_path / "leaky"
+    shutil.copytree(rel, leak)
+    (leak / "tokenizer_config.json").write_bytes((leak / "tokenizer_config.json").read_bytes()
+                                                 + RunDir(out).rescale_key.read_bytes()[-200:])
+    report = verify_release(leak, out, load=False)
+    assert not report.ok and any("rescale key" in line for line in report.failed())
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"method": "sophon"}, "not implemented yet"),
+    ({"method": "magic"}, "protect method must be one of"),
+    ({"strength": 1.0}, "strength must be > 1"),
+    ({"base": ""}, "needs --base"),
+])
+def test_bad_settings_are_refused(runs, tmp_path, change, match):
+    _, dense, _ = runs
+    cfg = {"base": str(dense), "out": str(tmp_path / "never"), **change}
+    with pytest.raises(ValueError, match=match):
+        protect(ProtectConfig(**cfg))
+    assert not (tmp_path / "never").exists()
+
+
+def test_bad_bases_and_outs_are_refused(runs, tmp_path):
+    d, dense, pmp_run = runs
+    with pytest.raises(ValueError, match="rescale protects a dense model"):
+        protect(ProtectConfig(base=str(pmp_run), out=str(tmp_path / "a")))
+    with pytest.raises(ValueError, match="overlaps the base run"):
+        protect(ProtectConfig(base=str(dense), out=str(dense / "inside")))
+    with pytest.raises(FileNotFoundError, match="not a pmp run directory"):
+        protect(ProtectConfig(base=str(tmp_path), out=str(tmp_path / "b")))
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "mine.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="not an empty directory"):
+        protect(ProtectConfig(base=str(dense), out=str(tmp_path / "busy")))
+    assert (tmp_path / "busy" / "mine.txt").read_text() == "keep"
+    assert json.loads((dense / "run.json").read_text())["method"] == "dense"
