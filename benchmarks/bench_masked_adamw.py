@@ -1,4 +1,4 @@
-"""Masked AdamW step: dense torch AdamW vs compact torch implementation vs ours (fused kernel).
+"""Masked AdamW step: dense torch AdamW vs compact torch implementation vs ours (Triton kernels).
 
     python benchmarks/bench_masked_adamw.py               # GPU: 4096x4096 weight, bf16 dense weight
     python benchmarks/bench_masked_adamw.py --O 512 --I 512 --dtype fp32   # CPU default
@@ -6,9 +6,16 @@
 - dense AdamW: ``torch.optim.AdamW(fused=True)`` on GPU (``foreach=True`` on CPU) stepping the full fp32 weight:
   what a dense run pays per step (16 B/param of state).
 - compact torch: ``pmp.kernels.reference.masked_adamw_`` (torch ops on compact fp32 state + index scatter).
-- ours: ``pmp.kernels.masked_adamw_`` (fused Triton kernel on GPU; the reference on CPU).
-GB/s uses the minimum traffic of the masked step: nnz * (16 read + 12 written + dense element) + the bit mask
-(1/4 B per weight entry), and is compared with a measured device copy bandwidth.
+- ours: ``pmp.kernels.masked_adamw_`` (Triton compact pass + masked scatter on GPU; the reference on CPU).
+
+Byte models (GB/s = bytes / time; "% copy BW" against a device copy measured in the same run):
+- "sector" (the one the >= 80 % target is judged on): the traffic any implementation must move: nnz * 28 B of
+  compact fp32 state (read master, grad, exp_avg, exp_avg_sq; write master, exp_avg, exp_avg_sq), the bit mask
+  (words + prefixes, 1/4 B per weight entry), and the dense write counted in whole 32-B sectors, exactly from
+  the mask: DRAM writes sectors, so a random mask at density 0.1 touches 81 % of the bf16 sectors.
+- "min": the same with the dense write at its element size (2 B per bf16 entry), as the earlier version of this
+  script counted; it overstates the achievable bandwidth at low density.
+Ours moves 4 B per masked entry more than either model (its scatter pass re-reads the master).
 """
 
 from __future__ import annotations
@@ -17,7 +24,16 @@ import argparse
 import functools
 
 import torch
-from common import add_shape_args, bench_ms, copy_bandwidth_gbs, device, parse_dtype, print_table, write_results
+from common import (
+    add_shape_args,
+    bench_ms,
+    copy_bandwidth_gbs,
+    device,
+    parse_dtype,
+    print_table,
+    sector_bytes,
+    write_results,
+)
 
 from pmp.kernels import MaskLayout, backend, masked_adamw_, reference
 
@@ -48,7 +64,8 @@ def main() -> None:
 
     rows = []
     for d in args.densities:
-        layout = MaskLayout.from_bool(torch.rand(O, I, device=dev) < d)
+        mask = torch.rand(O, I, device=dev) < d
+        layout = MaskLayout.from_bool(mask)
         layout.flat_index()
         n = layout.nnz
         dense = torch.randn(O, I, device=dev).to(dtype)
@@ -57,32 +74,35 @@ def main() -> None:
         m = torch.zeros(n, device=dev)
         v = torch.zeros(n, device=dev)
         impl = backend(dense, master)
-        moved = n * (28 + dense.element_size()) + N // 4
+        esz = dense.element_size()
+        compact_and_mask = n * 28 + N // 4
+        min_bytes = compact_and_mask + n * esz
+        sec_bytes = compact_and_mask + sector_bytes(mask, esz)
         state = (dense, master, grad, m, v, layout)
         t_ref = bench_ms(functools.partial(reference.masked_adamw_, *state, **HYPER), dev, args.reps)
-        row = {
+        t_ours = bench_ms(functools.partial(masked_adamw_, *state, **HYPER), dev, args.reps)
+        gbs = sec_bytes / (t_ours * 1e-3) / 1e9
+        rows.append({
             "density": d,
             "nnz": n,
             "dense AdamW ms": t_dense,
             "dense GB/s": dense_bytes / (t_dense * 1e-3) / 1e9,
             "compact torch ms": t_ref,
-            "compact torch GB/s": moved / (t_ref * 1e-3) / 1e9,
+            "ours ms": t_ours,
+            "ours GB/s (sector)": gbs,
+            "ours % copy BW (sector; target >= 80)": 100 * gbs / copy_gbs,
+            "ours % copy BW (min)": 100 * min_bytes / (t_ours * 1e-3) / 1e9 / copy_gbs,
+            "sectors touched %": 100 * sector_bytes(mask, esz) / (N * esz),
+            "ours/dense AdamW": t_ours / t_dense,
             "state MiB dense": 16 * N / 2**20,
             "state MiB compact": (16 * n + layout.state_bytes() - 8 * n) / 2**20,  # flat_index is reference-only
-        }
-        if impl == "triton":
-            t_ours = bench_ms(functools.partial(masked_adamw_, *state, **HYPER), dev, args.reps)
-            gbs = moved / (t_ours * 1e-3) / 1e9
-            row.update({"ours ms": t_ours, "ours GB/s": gbs, "ours % copy BW": 100 * gbs / copy_gbs,
-                        "speedup vs compact torch": t_ref / t_ours})
-        rows.append(row)
+        })
     print(f"masked AdamW  weight {O}x{I}, dense {args.dtype}  ours={impl}  device={dev}  copy BW {copy_gbs:.1f} GB/s")
-    cols = ["density", "nnz", "dense AdamW ms", "dense GB/s", "compact torch ms", "compact torch GB/s",
+    cols = ["density", "nnz", "dense AdamW ms", "dense GB/s", "compact torch ms", "ours ms", "ours GB/s (sector)",
+            "ours % copy BW (sector; target >= 80)", "ours % copy BW (min)", "sectors touched %", "ours/dense AdamW",
             "state MiB dense", "state MiB compact"]
-    if impl == "triton":
-        cols += ["ours ms", "ours GB/s", "ours % copy BW", "speedup vs compact torch"]
-    else:
-        print("(CPU: ours is the reference path; the fused-kernel columns appear on a GPU)")
+    if impl != "triton":
+        print("(CPU: ours is the reference path, the same code as 'compact torch')")
     print_table(rows, cols)
     if not args.no_save:
         write_results("masked_adamw", {"O": O, "I": I, "dtype": args.dtype, "ours": impl,

@@ -1,4 +1,5 @@
-"""Shared benchmark helpers: timing, copy bandwidth, tables, and the results file.
+"""Shared benchmark helpers: timing, copy bandwidth, the fp32-output GEMM baseline, the sector byte model,
+tables, and the results file.
 
 Timing: CUDA -> ``triton.testing.do_bench`` (CUDA events, L2 flushed between reps, median); CPU -> median of
 ``time.perf_counter`` over many reps after warm-up. Every script appends one JSON line per run to
@@ -55,6 +56,30 @@ def copy_bandwidth_gbs(dev: torch.device, nbytes: int = 1 << 28, reps: int = 20)
     dst = torch.empty_like(src)
     ms = bench_ms(lambda: dst.copy_(src), dev, reps=reps)
     return 2 * n * 4 / (ms * 1e-3) / 1e9
+
+
+def mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """``torch.mm(a, b, out_dtype=torch.float32)`` (16-bit inputs, fp32 accumulate and output: what a user runs
+    for an fp32 weight gradient), or None where torch has no such kernel (16-bit inputs on CPU or CUDA torch <
+    2.8). fp32 inputs: the plain product, already fp32."""
+    if a.dtype == torch.float32:
+        return a @ b
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return None
+
+
+def sector_bytes(mask: torch.Tensor, element_size: int, sector: int = 32) -> int:
+    """DRAM bytes to write the masked entries of a contiguous dense tensor: GPUs write whole 32-B sectors, so
+    every sector holding at least one masked entry costs 32 B (a random mask at density 0.1 touches 81 % of
+    the bf16 sectors). Counted exactly from the mask, assuming a 32-B aligned base (CUDA allocations are)."""
+    per = sector // element_size
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % per
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return int(flat.view(-1, per).any(1).sum()) * sector
 
 
 def peak_mem_mb(fn: Callable[[], object], dev: torch.device) -> float | None:

@@ -18,8 +18,19 @@ Kinds (the new classification head is always trainable; it is random at the star
   recovered_mask  only the entries of a mask an attacker RECOVERED from the release (`pmp audit` writes the best
                one to AUDIT/recovered_mask) + head; models given with --recovered only. Recover-then-fine-tune:
                does a recovered mask buy the attacker the owner's (authorized) gains?
+Adaptive kinds (the `durable` suite; see eval/adaptive.py):
+  heal_then_ft   fine-tune the causal LM on generic text first (`heal_steps` AdamW steps at `heal_lr` on the public
+               corpus or the attacker's own `--heal-file`), then every parameter on the task
+  reinit_complement  re-initialise the entries a recovered mask (`pmp audit`) leaves out -- the suspected frozen
+               complement -- with a fresh init of the architecture, then fine-tune every parameter; --recovered only
+  canonicalise_then_ft  re-balance every function-preserving scale pair of a Llama model to equal norms
+               (pmp/rescale.py: up/down, value/output, rotary q/k) -- undoes a secret rescaling whatever its key,
+               and leaves any model's function unchanged -- then fine-tune every parameter
+  random_mask with `mask_density` > 0 trains a random mask of that density instead of the PMP density (sparse
+               fine-tuning at 1 % / 10 % / 50 %)
 The `from_scratch` reference is not an attack but a model (same architecture, random init) that runs every
-attack with `scratch: true` at the same budget.
+attack with `scratch: true` at the same budget. A suite with a `durable` section (eval/durable_spec.py) also runs
+an equal-budget tuning search per arm, budget curves and the D0 diagnostic (eval/durable.py).
 
 Add an attack in code with `register(Attack(...))`, or in YAML (see `load_suite_file` and configs/attack_*.yaml).
 """
@@ -34,10 +45,17 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from pmp.eval.durable_spec import DurableSpec, durable_from_mapping
 from pmp.typed_config import load_yaml_mapping
 
 KINDS = ("probe", "full", "lora", "norm_bias", "random_mask", "authorized", "recovered_mask")
-OPTIMIZERS = ("adamw", "adam", "sgd", "adagrad")
+ADAPTIVE_KINDS = ("heal_then_ft", "reinit_complement", "canonicalise_then_ft")  # every parameter, after a
+# preparation step
+ALL_KINDS = KINDS + ADAPTIVE_KINDS
+DENSE_KINDS = ("full", *ADAPTIVE_KINDS)  # kinds whose fine-tuning phase trains every parameter
+# soap: SOAP (Shampoo-preconditioned Adam) from the maintained `pytorch-optimizer` package, the whitening /
+# second-order attacker of the durable suite
+OPTIMIZERS = ("adamw", "adam", "sgd", "adagrad", "soap")
 SCHEDULES = ("constant", "cosine")
 
 
@@ -58,6 +76,9 @@ class Attack:
     steps: int = 0  # 0 = the suite budget's steps
     scratch: bool = False  # also run on the from-scratch reference model
     note: str = ""
+    mask_density: float = 0.0  # random_mask only: the density of the random mask (0 = the PMP density)
+    heal_steps: int = 0  # heal_then_ft only: AdamW steps on generic text before the task
+    heal_lr: float = 1e-4  # heal_then_ft only: constant learning rate of the healing phase
 
     def validate(self) -> Attack:
         def need(ok: bool, msg: str) -> None:
@@ -66,7 +87,7 @@ class Attack:
 
         need(bool(self.name) and "__" not in self.name and "/" not in self.name,
              "a name must be non-empty without '__' or '/' (it names result files)")
-        need(self.kind in KINDS, f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        need(self.kind in ALL_KINDS, f"kind must be one of {', '.join(ALL_KINDS)}, got {self.kind!r}")
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         need(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
@@ -75,10 +96,25 @@ class Attack:
         need(self.weight_decay >= 0 and self.grad_clip >= 0, "weight_decay and grad_clip must be >= 0")
         need(self.lora_r >= 1 and self.lora_alpha >= 1, "lora_r and lora_alpha must be >= 1")
         need(self.steps >= 0, f"steps must be >= 0 (0 = the suite budget), got {self.steps}")
+        need(0 <= self.mask_density <= 1, f"mask_density must be in [0, 1] (0 = the PMP density), got "
+             f"{self.mask_density}")
+        need(self.mask_density == 0 or self.kind == "random_mask", "mask_density is for random_mask attacks only")
+        need(self.heal_steps >= 0 and self.heal_lr > 0, "heal_steps must be >= 0 and heal_lr > 0")
+        need(self.kind != "heal_then_ft" or self.heal_steps >= 1, "a heal_then_ft attack needs heal_steps >= 1")
         return self
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The definition as recorded in cells and hashed into their `inputs_sha`. Fields added after the first
+        results were written are left out while at their defaults, so those results keep their digests (and are
+        not recomputed)."""
+        d = dataclasses.asdict(self)
+        for k, default in _LATER_FIELDS.items():
+            if d[k] == default:
+                del d[k]
+        return d
+
+
+_LATER_FIELDS = {"mask_density": 0.0, "heal_steps": 0, "heal_lr": 1e-4}
 
 
 @dataclass(frozen=True)
@@ -112,6 +148,7 @@ class Suite:
     seeds: int = 2
     mask_density: float = 0.5  # random-mask density when no --private run gives the real one
     description: str = ""
+    durable: DurableSpec | None = None  # the equal-budget search, budget curves, D0 (eval/durable.py); None = off
 
     def budget(self, task_kind: str) -> Budget:
         return self.lm if task_kind == "lm" else self.classification
@@ -142,6 +179,11 @@ class Suite:
             raise ValueError(f"suite {self.name!r}: seeds must be >= 1")
         if not 0 < self.mask_density <= 1:
             raise ValueError(f"suite {self.name!r}: mask_density must be in (0, 1]")
+        if self.durable is not None:
+            try:
+                self.durable.validate(OPTIMIZERS, SCHEDULES)
+            except ValueError as e:
+                raise ValueError(f"suite {self.name!r}: durable: {e}") from None
         return self
 
 
@@ -212,6 +254,40 @@ SUITES: dict[str, Suite] = {
 }
 
 
+# ------------------------------------------------------------------------------------- adaptive attacks
+# Registered after SUITES so that `full` (every attack registered above) keeps its definition.
+# Heal-then-fine-tune: 200 steps of generic text at 1e-4 (research/protection.md 4.2, V1 test), then the quick
+# suite's full fine-tune. Re-init of the suspected complement, then the same fine-tune. Sparse fine-tuning of
+# random masks of 1 %, 10 % and 50 % at the quick suite's sparse learning rate.
+register(Attack("heal_then_ft_3e-4_cos", "heal_then_ft", lr=3e-4, weight_decay=0.01, heal_steps=200, heal_lr=1e-4,
+                note="generic-text healing, then full fine-tuning"))
+register(Attack("reinit_complement_3e-4_cos", "reinit_complement", lr=3e-4, weight_decay=0.01,
+                note="re-initialise what a recovered mask leaves out, then full fine-tuning"))
+# Canonicalise-then-fine-tune: re-balance every function-preserving scale pair of a Llama model to equal norms
+# (pmp/rescale.py) -- undoes a secret rescaling whatever its key -- then the quick suite's full fine-tune.
+register(Attack("canonicalise_then_ft_3e-4_cos", "canonicalise_then_ft", lr=3e-4, weight_decay=0.01,
+                note="re-balance scaled weight pairs (undoes a secret rescaling), then full fine-tuning"))
+for _pct in (1, 10, 50):
+    register(Attack(f"random_mask_{_pct}pct_1e-3_cos", "random_mask", lr=1e-3, weight_decay=0.01,
+                    mask_density=_pct / 100))
+
+# The durable suite: the fixed attacks below for every model, plus (its `durable` section) an equal tuning budget
+# per arm -- K = 24 configurations of optimizer (AdamW, SGD+momentum, Adagrad, SOAP), learning rate 1e-6..1e-2,
+# schedule and steps, each arm's best chosen on its own validation split and re-run at 3 seeds -- budget curves
+# at x1 / x3 / x10 steps and at three attacker data sizes, and the D0 diagnostic. Budgets are the quick suite's
+# (evaluated more often, for early stopping). Estimated (not measured) on `small`, 2 CPU cores: ~1 h per task
+# (the LM probe), ~4.5-5.5 h for the default tasks; see eval/durable.py.
+DURABLE = ("probe", "lora_r8_1e-3_cos", "norm_bias_1e-3_cos", "recovered_mask_1e-3_cos", "heal_then_ft_3e-4_cos",
+           "reinit_complement_3e-4_cos", "random_mask_1pct_1e-3_cos", "random_mask_10pct_1e-3_cos",
+           "random_mask_50pct_1e-3_cos", "canonicalise_then_ft_3e-4_cos")
+SUITES["durable"] = Suite(
+    "durable", tuple(get_attack(n) for n in DURABLE),
+    classification=Budget(steps=60, max_len=48, max_train=960, max_test=400, eval_every=15),
+    lm=Budget(steps=80, batch_size=8, max_len=64, max_train=640, max_val=32, max_test=64, eval_every=20),
+    seeds=3, durable=DurableSpec(),
+    description="equal tuning budgets (K=24 per arm), adaptive attacks, budget curves, D0; 3 seeds")
+
+
 def get_suite(name_or_path: str) -> Suite:
     """A built-in suite by name, or a YAML suite file."""
     if name_or_path in SUITES:
@@ -229,6 +305,7 @@ def load_suite_file(path: str | Path) -> Suite:
       attacks: [probe, full_adamw_3e-4_cos, {name: my_sgd, kind: full, optimizer: sgd, lr: 0.05}]
       classification: {steps: 100}      # Budget fields; omitted ones keep their defaults
       lm: {steps: 100, batch_size: 8}
+      durable: {trials: 20, budget_factors: [1, 3]}   # DurableSpec fields (eval/durable_spec.py); turns it on
     An attack given as a mapping is registered (so later suites can name it) and used. Any bad value (a wrong
     type, a negative budget, an unknown optimizer or attack) is a ValueError that names the file and the field."""
     p = Path(path)
@@ -240,7 +317,7 @@ def load_suite_file(path: str | Path) -> Suite:
 
 
 SUITE_KEYS = {"name": str, "seeds": int, "attacks": list, "classification": dict, "lm": dict, "mask_density": float,
-              "description": str, "extends": str}
+              "description": str, "extends": str, "durable": dict}
 
 
 def _suite_from_mapping(raw: dict, p: Path) -> Suite:
@@ -259,9 +336,12 @@ def _suite_from_mapping(raw: dict, p: Path) -> Suite:
             attacks.append(register(_attack_from_mapping(item, i), overwrite=True))
         else:
             raise ValueError(f"attacks[{i}]: each attack is a registered name or a mapping, got {item!r}")
+    durable = base.durable
+    if "durable" in raw:
+        durable = durable_from_mapping(raw["durable"], base.durable, _typed)
     suite = Suite(raw.get("name", p.stem), tuple(attacks), _budget(raw, "classification", base.classification),
                   _budget(raw, "lm", base.lm), raw.get("seeds", base.seeds), raw.get("mask_density", base.mask_density),
-                  raw.get("description", ""))
+                  raw.get("description", ""), durable)
     return suite.validate()
 
 
@@ -322,5 +402,5 @@ def _number(value) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-__all__ = ["ATTACKS", "Attack", "Budget", "KINDS", "SUITES", "Suite", "config_digest", "get_attack",
-           "get_suite", "load_suite_file", "register"]
+__all__ = ["ADAPTIVE_KINDS", "ALL_KINDS", "ATTACKS", "Attack", "Budget", "DENSE_KINDS", "KINDS", "OPTIMIZERS",
+           "SCHEDULES", "SUITES", "Suite", "config_digest", "get_attack", "get_suite", "load_suite_file", "register"]

@@ -26,11 +26,25 @@ class AttackSettings:
                               0.0)
     scratch: bool = doc("also attack the same architecture trained from scratch (the validity reference)", True)
     cache_dir: str = doc("data cache directory ('' = $PMP_CACHE or ~/.cache/pmp)", "")
+    trials: int | None = doc("configurations per arm of a suite's tuning search, the same for every arm (durable: "
+                             "24; null = the suite's own)", None)
+    budget_factors: list[float] = doc("step multipliers of a durable suite's budget curves, e.g. 1,3,10 (empty = "
+                                      "the suite's own)", default_factory=list)
+    data_sizes: list[int] = doc("attacker train-set sizes of a durable suite's data curves, in examples (LM tasks: "
+                                "blocks); each must fit every task (empty = the suite's own)", default_factory=list)
+    heal_file: str = doc("generic text for heal-then-fine-tune attacks ('' = the public default corpus of the data "
+                         "cache)", "")
 
     def validate(self) -> AttackSettings:
         check(self.seeds >= 0, "seeds must be >= 1 (or 0 for the suite's own), got {}", self.seeds)
         check(0 <= self.mask_density <= 1, "mask_density must be in [0, 1] (0 = the suite default), got {}",
               self.mask_density)
+        check(self.trials is None or self.trials >= 1, "trials must be >= 1 (configurations per arm; a tuning "
+              "budget of 0 measures nothing), got {}", self.trials)
+        check(all(f > 0 for f in self.budget_factors), "budget_factors must be > 0 (step multipliers; a budget of 0 "
+              "trains nothing), got {}", self.budget_factors)
+        check(all(n >= 1 for n in self.data_sizes), "data_sizes must be >= 1 (train examples or blocks; a data "
+              "budget of 0 trains on nothing), got {}", self.data_sizes)
         return self
 
 

@@ -6,10 +6,14 @@ curve plus the two headline numbers: the test metric at the step that is best on
 split (a realistic attacker early-stops) and the final-step test metric. The head-only probe trains on cached
 frozen-base features (identical maths, ~100x cheaper); the LM "probe" trains nothing.
 
-Sparse kinds (random_mask, authorized) train through `pmp.masked_state.MaskedModel`: only masked entries have
-gradients and optimizer state, the complement of every masked tensor stays bit-exact (verified after training
-and recorded as `complement_unchanged`), and every other base parameter is frozen; only the new head trains
-densely.
+Dense kinds (full, and the fine-tuning phase of the adaptive kinds heal_then_ft and reinit_complement, whose
+preparation eval/adaptive.py does first) train every parameter. The optimizers are torch's AdamW, Adam, SGD with
+momentum and Adagrad, and SOAP (Shampoo-preconditioned Adam) from `pytorch-optimizer`.
+
+Sparse kinds (random_mask, authorized, recovered_mask) train through `pmp.masked_state.MaskedModel`: only masked
+entries have gradients and optimizer state, the complement of every masked tensor stays bit-exact (verified after
+training and recorded as `complement_unchanged`), and every other base parameter is frozen; only the new head
+trains densely.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import time
 
 import torch
 
-from pmp.eval.attacks import Attack, Budget
+from pmp.eval.attacks import DENSE_KINDS, Attack, Budget
 from pmp.eval.evaluate import evaluate, features
 from pmp.eval.metrics import better
 from pmp.eval.models import head_names
@@ -40,7 +44,22 @@ def select_by_validation(curve: list[dict], metric: str, direction: str) -> dict
     return best
 
 
+# SOAP's preconditioners are d x d per side of a matrix; sides above this are left unpreconditioned (Adam-like), so
+# that the 8192-token embedding of `small` does not cost an 8192^2 eigendecomposition every 10 steps on CPU.
+SOAP_MAX_PRECONDITION_DIM = 1024
+
+
 def make_optimizer(attack: Attack, groups: list[dict]) -> torch.optim.Optimizer:
+    if attack.optimizer == "soap":
+        try:
+            from pytorch_optimizer import SOAP  # noqa: PLC0415 - 2 s import; only SOAP attacks need it
+        except ImportError:
+            raise ValueError(f"attack {attack.name}: the soap optimizer needs the `pytorch-optimizer` package "
+                             "(pip install pytorch-optimizer)") from None
+        # 1-D tensors (norms, biases, the compact state of sparse attacks) get Adam-like updates (precondition_1d
+        # off): SOAP whitens matrices only
+        return SOAP(groups, lr=attack.lr, betas=(0.95, 0.95), precondition_frequency=10,
+                    max_precondition_dim=SOAP_MAX_PRECONDITION_DIM)
     if attack.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=attack.lr)
     if attack.optimizer == "adam":
@@ -63,7 +82,7 @@ def random_layouts(model: torch.nn.Module, density: float, seed: int, exclude: s
             for n, p in model.named_parameters() if n not in exclude}
 
 
-class _Trainables:
+class Trainables:
     """What an attack trains: optimizer param groups + a hook after each optimizer step + a final clean-up."""
 
     def __init__(self, model, attack: Attack, task_kind: str, mask_layouts: dict | None):
@@ -94,7 +113,7 @@ class _Trainables:
                     p.requires_grad_(True)
         else:
             for n, p in model.named_parameters():
-                p.requires_grad_(kind == "full" or n in heads or (kind == "norm_bias" and p.dim() < 2))
+                p.requires_grad_(kind in DENSE_KINDS or n in heads or (kind == "norm_bias" and p.dim() < 2))
         if self.masked is not None:
             extra = [p for n, p in model.named_parameters() if n in heads or n in self.uncovered]
             decay = [t.compact for t in self.masked.tensors if decays(t.dense)] + [p for p in extra if decays(p)]
@@ -140,7 +159,7 @@ def finetune(model, task: PreparedTask, attack: Attack, budget: Budget, seed: in
     if attack.kind == "probe":
         out = _probe(model, task, attack, budget, seed, steps)
     else:
-        tr = _Trainables(model, attack, task.kind, mask_layouts)
+        tr = Trainables(model, attack, task.kind, mask_layouts)
         opt = make_optimizer(attack, tr.groups)
         batches = TrainBatches(task, budget.batch_size, seed)
         points = set(eval_steps(steps, budget.eval_every))

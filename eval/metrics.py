@@ -14,7 +14,11 @@
 - best attack: per model and task, the UNAUTHORIZED attack (not probe, not authorized) whose mean VALIDATION
   metric (at its validation-selected step) is best: the choice a real attacker can make, on its own split. The
   report also gives the oracle choice (best on test), which is generous to the attacker.
+- bootstrap interval of a gain ratio: resample the fine-tuning seeds (paired: seed i of both models) with
+  replacement, seeded, and take percentiles of the ratio of mean gains (`bootstrap_ratio`).
 Every headline uses the validation-selected test metric; the final-step metric is reported beside it.
+Cells of the durable suite's exploration stages (`stage` search / curve / data: single-seed tuning trials and
+larger-budget re-runs) are summarized by the durable report (eval/report_durable.py), not the attack tables.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import math
 import re
 from collections import defaultdict
 from pathlib import Path
+
+import numpy as np
 
 
 def signed_gain(before: float, after: float, direction: str, metric: str = "") -> float:
@@ -124,9 +130,19 @@ def load_cells(results_dir: str | Path) -> list[dict]:
     return out
 
 
+DURABLE_STAGES = ("search", "curve", "data")  # exploration cells of the durable suite (see the module doc)
+
+
+def classic_cells(cells: list[dict]) -> list[dict]:
+    """The cells the attack tables read: all but the durable exploration stages."""
+    return [c for c in cells if c.get("stage") not in DURABLE_STAGES]
+
+
 def budget_key(cell: dict) -> tuple:
+    """(steps, batch, train examples, length). Durable cells record the budget's step cap (`steps_cap`): a tuned
+    configuration may train fewer steps within the same declared budget."""
     b = cell.get("budget", {})
-    return (b.get("steps"), b.get("batch_size"), b.get("max_train"), b.get("max_len"))
+    return (b.get("steps_cap", b.get("steps")), b.get("batch_size"), b.get("max_train"), b.get("max_len"))
 
 
 def aggregate(cells: list[dict]) -> dict:
@@ -234,3 +250,25 @@ def authorized_recovery(agg: dict, protected: str, baseline: str, task: str) -> 
     return {"recovery": r, "authorized_attack": a["attack"], "authorized_gain": a["gain"]["mean"],
             "baseline_attack": b["attack"], "baseline_gain": b["gain"]["mean"],
             "why": "" if r is not None else "baseline gain <= 0"}
+
+
+def bootstrap_ratio(num_by_seed: dict, den_by_seed: dict, n_boot: int = 2000, seed: int = 0,
+                    level: float = 0.95) -> dict:
+    """Ratio of mean gains over the seeds both have, with a percentile bootstrap interval: the seeds are resampled
+    with replacement (paired), `n_boot` times from a generator seeded with `seed`. Resamples whose denominator mean
+    is <= 0 have no ratio; their share is `undefined` (the interval is over the others). One seed: no interval."""
+    seeds = sorted(set(num_by_seed) & set(den_by_seed))
+    num = np.array([num_by_seed[s] for s in seeds], dtype=float)
+    den = np.array([den_by_seed[s] for s in seeds], dtype=float)
+    out = {"ratio": ratio(float(num.mean()), float(den.mean())) if seeds else None, "lo": None, "hi": None,
+           "n": len(seeds), "n_boot": n_boot, "level": level, "undefined": 0.0}
+    if len(seeds) < 2 or not (np.isfinite(num).all() and np.isfinite(den).all()):
+        return out
+    idx = np.random.default_rng(seed).integers(0, len(seeds), size=(n_boot, len(seeds)))
+    nm, dm = num[idx].mean(1), den[idx].mean(1)
+    ok = dm > 0
+    out["undefined"] = float(1 - ok.mean())
+    if ok.any():
+        r = nm[ok] / dm[ok]
+        out["lo"], out["hi"] = (float(x) for x in np.quantile(r, [(1 - level) / 2, (1 + level) / 2]))
+    return out

@@ -3,18 +3,23 @@
 Numbers are the validation-selected test metric (mean +- sample std over seeds) with the final-step metric
 beside it; the arithmetic lives in eval/metrics.py. The report is built section by section, each a function of
 the loaded results (`ReportData`) returning its Markdown lines: header, vocabulary, main table with the headline
-summary, then one section per task (validity, budget, attack table, authorized recovery, curves).
+summary, then one section per task (validity, budget, attack table, authorized recovery, curves); results of the
+durable suite add its sections after them (eval/report_durable.py).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from pmp.atomic import write_text
 from pmp.eval import metrics as M
 from pmp.eval.config import ReportConfig
+from pmp.eval.report_durable import durable_sections
+from pmp.eval.report_format import fmt as _f
+from pmp.eval.report_format import mean_std as _ms
+from pmp.eval.report_format import row as _row
+from pmp.eval.report_format import table_head as _table_head
 from pmp.eval.report_plots import write_plots
 
 ROLE_ORDER = ("protected", "baseline", "matched", "other", "scratch")  # column order of the models
@@ -37,18 +42,6 @@ VOCABULARY = (
 
 
 # ---------------------------------------------------------------------------------------------- formatting
-def _f(x: float | None, nd: int = 3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    if isinstance(x, float) and math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return f"{x:.{nd}f}" if abs(x) < 1000 else f"{x:.0f}"
-
-
-def _ms(s: dict, nd: int = 3) -> str:
-    return _f(s["mean"], nd) if s["n"] < 2 else f"{_f(s['mean'], nd)} ± {_f(s['std'], nd)}"
-
-
 def _ratio_cell(r: float | None, valid: bool | None) -> str:
     """A ratio for the table, flagged where the task is not valid (such ratios are never averaged)."""
     return _f(r, 2) + ("" if valid or r is None else " (invalid)")
@@ -56,14 +49,6 @@ def _ratio_cell(r: float | None, valid: bool | None) -> str:
 
 def _valid_tag(v: dict) -> str:
     return {True: "valid", False: "**INVALID**", None: "unknown"}[v["valid"]]
-
-
-def _row(cells: list[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
-
-
-def _table_head(header: list[str]) -> list[str]:
-    return [_row(header), "|" + "---|" * len(header)]
 
 
 # ---------------------------------------------------------------------------------------------- the results
@@ -82,13 +67,15 @@ class ReportData:
     matched: str  # the matched baseline's name ('' = none)
     prot: list[str]  # the protected models
     task_info: dict[str, dict]  # task -> its first cell (metric, direction, kind, budget)
+    all_cells: tuple = ()  # `cells` plus the durable suite's exploration cells (search, curve, data stages)
 
     def validity(self, task: str) -> dict:
         return M.validity(self.agg, self.role_of, task)
 
 
 def report_data(cfg: ReportConfig) -> ReportData:
-    cells = M.load_cells(cfg.results)
+    all_cells = M.load_cells(cfg.results)
+    cells = M.classic_cells(all_cells)  # the durable exploration stages have their own sections
     agg = M.aggregate(cells)
     role_of = M.roles(agg, cfg.baseline, cfg.protected)
     models = sorted(role_of, key=lambda m: ROLE_ORDER.index(role_of[m]))
@@ -99,7 +86,7 @@ def report_data(cfg: ReportConfig) -> ReportData:
         attacks=attacks, base=next((m for m in models if role_of[m] == "baseline"), ""),
         matched=next((m for m in models if role_of[m] == "matched"), ""),
         prot=[m for m in models if role_of[m] == "protected"],
-        task_info={t: next(c for c in cells if c["task"] == t) for t in tasks})
+        task_info={t: next(c for c in cells if c["task"] == t) for t in tasks}, all_cells=tuple(all_cells))
 
 
 def _best_ratio(agg: dict, protected: str, reference: str, task: str, by: str) -> float | None:
@@ -120,6 +107,7 @@ def write_report(cfg: ReportConfig) -> Path:
     for t in d.tasks:
         lines += _task_section(d, t)
     lines += ["![gains](gains.png)", ""]
+    lines += durable_sections(d, out)  # nothing for results without durable cells or diagnostics
     write_text(out / "report.md", "\n".join(lines) + "\n")
     write_plots(out, d.agg, d.cells, d.models, d.tasks, d.attacks)
     return out / "report.md"

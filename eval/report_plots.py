@@ -1,5 +1,6 @@
-"""The report's figures (matplotlib, Agg): gains.png (every model's gain per attack, one panel per task) and
-curves_<task>.png (test and validation learning curves per attack, mean over seeds)."""
+"""The report's figures (matplotlib, Agg): gains.png (every model's gain per attack, one panel per task),
+curves_<task>.png (test and validation learning curves per attack, mean over seeds) and, for the durable suite,
+budget_<task>.png (each arm's gain against the attacker's step budget)."""
 
 from __future__ import annotations
 
@@ -77,6 +78,32 @@ def _mean_curve(cs: list[dict], split: str, metric: str, n: int) -> list[float]:
     """The split's metric at each of the first n curve points, averaged over the seeds whose curve reaches it."""
     return [sum(c["curve"][k][split][metric] for c in cs if k < len(c["curve"])) /
             sum(1 for c in cs if k < len(c["curve"])) for k in range(n)]
+
+
+def write_budget_plot(path: Path, task: str, series: dict[str, list[tuple[float, float | None]]]) -> bool:
+    """Gain against the budget factor, one line per arm -> whether a figure was written (needs two budgets)."""
+    series = {k: [(f, g) for f, g in v if g is not None and math.isfinite(g)] for k, v in series.items()}
+    if not any(len(v) > 1 for v in series.values()):
+        return False
+    import matplotlib  # noqa: PLC0415 - heavy; only the report draws
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - after matplotlib.use("Agg")
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for label, pts in series.items():
+        if pts:
+            ax.plot([f for f, _ in pts], [g for _, g in pts], marker="o", label=label.replace("`", ""))
+    ax.set_xscale("log")
+    ax.set_xlabel("attacker steps (x the declared budget)")
+    ax.set_ylabel("gain (positive = better)")
+    ax.set_title(f"{task}: gain against the attacker's budget (first seed)", fontsize=9)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return True
 
 
 def _save(fig, path: Path) -> None:

@@ -61,6 +61,11 @@ class PreparedTask:
         return METRIC[self.kind]
 
 
+def validation_size(n_train: int, budget) -> int:
+    """Examples of a classification task's train split carved off as the attacker's validation split."""
+    return min(budget.max_val, max(1, n_train // 5))
+
+
 def prepare_task(task, tokenizer, budget, seed: int) -> PreparedTask:
     pad = tokenizer.eos_token_id
     rng = np.random.default_rng([seed, 7])
@@ -69,7 +74,7 @@ def prepare_task(task, tokenizer, budget, seed: int) -> PreparedTask:
     n = len(task.train)
     if n < 2:
         raise ValueError(f"task {task.name}: needs at least 2 training examples to carve a validation split")
-    n_val = min(budget.max_val, max(1, n // 5))
+    n_val = validation_size(n, budget)
     perm = rng.permutation(n)
     val_idx, train_idx = perm[:n_val], perm[n_val:n_val + budget.max_train]
     test_idx = np.sort(np.random.default_rng(0).permutation(len(task.test))[:budget.max_test])
@@ -87,7 +92,7 @@ def prepare_task(task, tokenizer, budget, seed: int) -> PreparedTask:
     return PreparedTask(task.name, "classification", task.num_labels, pad, tr, va, te, sizes)
 
 
-def _blocks(tokenizer, texts: list[str], seq_len: int, need: int, pad: int) -> torch.Tensor:
+def token_blocks(tokenizer, texts: list[str], seq_len: int, need: int, pad: int) -> torch.Tensor:
     """Encode texts in order, eos after each, until `need` full blocks exist -> [<=need, T] int64."""
     out: list[int] = []
     for i in range(0, len(texts), 32):
@@ -106,9 +111,9 @@ def _prepare_lm(task, tokenizer, budget, rng, pad) -> PreparedTask:
     n_val_docs = max(1, len(texts) // 10)
     val_texts = [texts[i] for i in order[:n_val_docs]]  # whole documents: no text spans val and train
     train_texts = [texts[i] for i in order[n_val_docs:]]
-    val = _blocks(tokenizer, val_texts, budget.max_len, budget.max_val, pad)
-    train = _blocks(tokenizer, train_texts, budget.max_len, budget.max_train, pad)
-    test = _blocks(tokenizer, [str(t) for t in task.test["text"]], budget.max_len, budget.max_test, pad)
+    val = token_blocks(tokenizer, val_texts, budget.max_len, budget.max_val, pad)
+    train = token_blocks(tokenizer, train_texts, budget.max_len, budget.max_train, pad)
+    test = token_blocks(tokenizer, [str(t) for t in task.test["text"]], budget.max_len, budget.max_test, pad)
     for split, b in (("train", train), ("val", val), ("test", test)):
         if len(b) == 0:
             raise ValueError(f"LM task {task.name}: its {split} text is shorter than one block of {budget.max_len} "

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .mask_layout import n_words, view_2d
-from .triton_utils import check_device, popcount32
+from .triton_utils import check_device, is_interpreting, popc
 
 
 @triton.jit
@@ -63,8 +63,16 @@ def _row_popcount_kernel(
         offs_w = w0 + tl.arange(0, BLOCK_W)
         in_bounds = (offs_r < R)[:, None] & (offs_w < W)[None, :]
         word = tl.load(words_ptr + offs_r[:, None] * stride_wr + offs_w[None, :], mask=in_bounds, other=0)
-        acc += popcount32(word)
+        acc += popc(word)
     tl.store(out_ptr + offs_r, tl.sum(acc, 1), mask=offs_r < R)
+
+
+# GPU launch configs (fixed, so the compile check covers every one); the interpreter shrinks them to the input
+PACK_BLOCK, UNPACK_BLOCK, POPCOUNT_BLOCK_R, POPCOUNT_BLOCK_W = 256, 8192, 64, 128
+
+
+def _block(limit: int, n: int) -> int:
+    return min(limit, triton.next_power_of_2(n)) if is_interpreting() else limit
 
 
 def _check_words(words: torch.Tensor) -> None:
@@ -86,7 +94,7 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     words = torch.empty(rows, w, dtype=torch.int32, device=mask.device)
     if rows and w:
         total = rows * w
-        block = min(256, triton.next_power_of_2(total))
+        block = _block(PACK_BLOCK, total)
         _pack_kernel[(triton.cdiv(total, block),)](
             mask_RC, words, cols, w, total, mask_RC.stride(0), words.stride(0), BLOCK=block
         )
@@ -102,7 +110,7 @@ def unpack_mask(words: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     if rows and cols:
         out_u8 = out.view(torch.uint8)
         total = rows * cols
-        block = min(8192, triton.next_power_of_2(total))
+        block = _block(UNPACK_BLOCK, total)
         _unpack_kernel[(triton.cdiv(total, block),)](
             words, out_u8, cols, total, words.stride(0), out_u8.stride(0), BLOCK=block
         )
@@ -115,8 +123,8 @@ def row_popcount(words: torch.Tensor) -> torch.Tensor:
     rows, w = words.shape
     out = torch.zeros(rows, dtype=torch.int32, device=words.device)
     if rows and w:
-        block_w = min(128, triton.next_power_of_2(w))
-        block_r = min(64, triton.next_power_of_2(rows))
+        block_w = _block(POPCOUNT_BLOCK_W, w)
+        block_r = _block(POPCOUNT_BLOCK_R, rows)
         _row_popcount_kernel[(triton.cdiv(rows, block_r),)](
             words, out, rows, w, words.stride(0), BLOCK_R=block_r, BLOCK_W=block_w
         )

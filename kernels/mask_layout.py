@@ -12,7 +12,7 @@ Storage (1/8 B per entry for ``words`` + 1/8 B per entry for ``word_prefix``):
   kernels through uint32 bitcasts, so the sign never matters.
 - ``word_prefix_RW`` int32: number of masked entries in canonical order before that word, so the compact
   index of entry (r, c) is ``word_prefix[r, c // 32] + popcount(words[r, c // 32] & ((1 << c % 32) - 1))``.
-- ``active_blocks`` int32 [n_active, 2]: for block masks (``block_size`` 64 or 128) the (block_row,
+- ``active_blocks`` int32 [n_active, 2]: for block masks (``block_size`` 32, 64 or 128) the (block_row,
   block_col) of every tile holding masked entries, ordered by row panel (row-major over tiles).
 """
 
@@ -23,7 +23,9 @@ import sys
 
 import torch
 
-_SUPPORTED_BLOCK_SIZES = (0, 32, 64, 128, 256)
+# 0 = unstructured. The block dW kernel's tile is the block: a 256 tile needs 256 KiB of shared memory and
+# spills (AOT sm_90a, limit 227 KiB), so 256 is refused here rather than at the first launch.
+_SUPPORTED_BLOCK_SIZES = (0, 32, 64, 128)
 # popcount of every byte value: host popcounts go through the bytes of the words, so the sign bit never matters
 _BYTE_POPCOUNT = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int32)
 _BIT_WEIGHTS = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
@@ -143,7 +145,10 @@ class MaskLayout:
     @classmethod
     def _build(cls, shape, words, block_size, mask_RC) -> MaskLayout:
         if block_size not in _SUPPORTED_BLOCK_SIZES:
-            raise ValueError(f"block_size must be one of {_SUPPORTED_BLOCK_SIZES} (0 = unstructured), got {block_size}")
+            hint = (f" (the block dW kernel's {block_size}x{block_size} tile does not fit in GPU shared memory: "
+                    f"256 needs 256 KiB, sm_90a allows 227 KiB)" if block_size > max(_SUPPORTED_BLOCK_SIZES) else "")
+            raise ValueError(f"block_size must be one of {_SUPPORTED_BLOCK_SIZES} (0 = unstructured), "
+                             f"got {block_size}{hint}; use 64 or 128")
         counts = word_popcount(words)
         word_prefix = exclusive_prefix(counts)
         nnz = int(counts.sum())

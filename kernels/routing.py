@@ -2,10 +2,11 @@
 
 Legend: R, C = 2-D view of the dense tensor (see ``mask_layout.py``), N = nnz.
 
-Both kernels walk the dense tensor in [BLOCK_R, BLOCK_C] tiles and find each masked entry's compact index
-from the bit mask (word_prefix + popcount), so no int64 index (8 B per masked entry) is ever read: the mask
-costs 1/4 B per dense entry (words + word_prefix), i.e. 2.5 B per masked entry at density 0.1. Entries outside
-the mask are never loaded or stored (masked lanes), so the complement stays bit-identical.
+Both kernels walk the dense tensor in [BLOCK_R, BLOCK_C] tiles (a 1-D grid, so no CUDA axis limit applies) and
+find each masked entry's compact index from the bit mask (word_prefix + popcount, each word loaded once and
+broadcast), so no int64 index (8 B per masked entry) is ever read: the mask costs 1/4 B per dense entry (words +
+word_prefix), i.e. 2.5 B per masked entry at density 0.1. Entries outside the mask are never loaded or stored
+(masked lanes), so the complement stays bit-identical.
 """
 
 from __future__ import annotations
@@ -16,20 +17,20 @@ import triton.language as tl
 
 from .mask_layout import MaskLayout
 from .reference import check_compact, check_layout_for
-from .triton_utils import check_device, compact_index, elementwise_tiles
+from .triton_utils import check_device, elementwise_config, tile_compact_index, tile_coords, tile_grid
 
 
 @triton.jit
 def _gather_kernel(
     dense_ptr, words_ptr, prefix_ptr, out_ptr,
-    R, C,
+    R, C, W,
     stride_dr, stride_w,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    in_bounds = (offs_r < R)[:, None] & (offs_c < C)[None, :]
-    is_set, idx = compact_index(words_ptr, prefix_ptr, offs_r, offs_c, stride_w, in_bounds)
+    pid_r, pid_c = tile_coords(C, BLOCK_C)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    is_set, idx = tile_compact_index(words_ptr, prefix_ptr, offs_r, pid_c, R, W, stride_w, BLOCK_C, False)
     d_off = offs_r.to(tl.int64)[:, None] * stride_dr + offs_c[None, :]
     v = tl.load(dense_ptr + d_off, mask=is_set)
     tl.store(out_ptr + idx, v.to(out_ptr.dtype.element_ty), mask=is_set)
@@ -38,21 +39,28 @@ def _gather_kernel(
 @triton.jit
 def _scatter_kernel(
     dense_ptr, words_ptr, prefix_ptr, values_ptr,
-    R, C,
+    R, C, W,
     stride_dr, stride_w,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    in_bounds = (offs_r < R)[:, None] & (offs_c < C)[None, :]
-    is_set, idx = compact_index(words_ptr, prefix_ptr, offs_r, offs_c, stride_w, in_bounds)
+    pid_r, pid_c = tile_coords(C, BLOCK_C)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    is_set, idx = tile_compact_index(words_ptr, prefix_ptr, offs_r, pid_c, R, W, stride_w, BLOCK_C, False)
     v = tl.load(values_ptr + idx, mask=is_set)
     d_off = offs_r.to(tl.int64)[:, None] * stride_dr + offs_c[None, :]
     tl.store(dense_ptr + d_off, v.to(dense_ptr.dtype.element_ty), mask=is_set)
 
 
-def _grid(layout: MaskLayout, cfg: dict) -> tuple[int, int]:
-    return triton.cdiv(layout.rows, cfg["BLOCK_R"]), triton.cdiv(layout.cols, cfg["BLOCK_C"])
+def launch_scatter(dense_RC: torch.Tensor, values: torch.Tensor, layout: MaskLayout) -> None:
+    """Launch the scatter kernel (no checks): dense_RC [R, C] with unit column stride, values [nnz]."""
+    cfg = elementwise_config(layout.rows, layout.cols)
+    _scatter_kernel[tile_grid(layout.rows, layout.cols, cfg["BLOCK_R"], cfg["BLOCK_C"])](
+        dense_RC, layout.words, layout.word_prefix, values,
+        layout.rows, layout.cols, layout.words.shape[1],
+        dense_RC.stride(0), layout.words.stride(0),
+        **cfg,
+    )
 
 
 def gather_compact(
@@ -70,10 +78,10 @@ def gather_compact(
     dense_RC = dense.reshape(layout.rows, layout.cols)
     if dense_RC.stride(1) != 1:
         dense_RC = dense_RC.contiguous()
-    cfg = elementwise_tiles(layout.rows, layout.cols)
-    _gather_kernel[_grid(layout, cfg)](
+    cfg = elementwise_config(layout.rows, layout.cols)
+    _gather_kernel[tile_grid(layout.rows, layout.cols, cfg["BLOCK_R"], cfg["BLOCK_C"])](
         dense_RC, layout.words, layout.word_prefix, out,
-        layout.rows, layout.cols,
+        layout.rows, layout.cols, layout.words.shape[1],
         dense_RC.stride(0), layout.words.stride(0),
         **cfg,
     )
@@ -89,12 +97,5 @@ def scatter_compact_(dense: torch.Tensor, values: torch.Tensor, layout: MaskLayo
     check_device(dense, values)
     if layout.nnz == 0:
         return dense
-    dense_RC = dense.view(layout.rows, layout.cols)
-    cfg = elementwise_tiles(layout.rows, layout.cols)
-    _scatter_kernel[_grid(layout, cfg)](
-        dense_RC, layout.words, layout.word_prefix, values,
-        layout.rows, layout.cols,
-        dense_RC.stride(0), layout.words.stride(0),
-        **cfg,
-    )
+    launch_scatter(dense.view(layout.rows, layout.cols), values, layout)
     return dense

@@ -7,11 +7,17 @@ Two kernels, one output: fp32 [N] in canonical (row-major) order.
   (O, I) tile is computed densely in fp32 registers; the epilogue then stores only the masked entries at their
   compact index (word_prefix + popcount of the lower bits). The win is memory: no dense fp32 dW (64 MiB for a
   4096^2 layer) ever exists, and the write traffic is 4 B per masked entry instead of 4 B per entry + a gather.
+  The launch config is tuned per (dtype, shape bucket) on the GPU (``dw_configs``); the candidates include a
+  fallback that runs cuBLAS with fp32 output over 16 MiB row panels and gathers each panel (``_dw_panels``),
+  so the dispatch uses it exactly where it measures faster.
 - Block masks (``_block_sddmm_kernel``): the grid is the list of active tiles (row-panel order so dY panels
-  stay in L2); empty tiles cost nothing. Inside an active tile every entry is masked and word boundaries
-  align with tile boundaries, so the compact index is just ``word_prefix[r, c // 32] + c % 32`` (no word loads).
+  stay in L2); empty tiles cost nothing. Inside an active tile every entry is masked, so a tile row is one
+  contiguous compact run starting at ``word_prefix[r, c0 // 32]``: one prefix load per row, no word loads.
   A block's entries are not contiguous in the compact vector (canonical order is row-major over the whole
   weight), hence the per-row prefix.
+
+Nothing here has been timed on a GPU yet: configs are chosen to compile within shared memory and without
+spills for sm_90a and sm_80 (``compile_check.py``), and the tuner picks among them by measurement.
 """
 
 from __future__ import annotations
@@ -22,7 +28,17 @@ import triton.language as tl
 
 from .mask_layout import MaskLayout
 from .reference import check_compact, flatten_tokens
-from .triton_utils import check_device, compact_index, is_interpreting, upcast_flag
+from .routing import _gather_kernel
+from .triton_utils import (
+    Tuner,
+    check_device,
+    elementwise_config,
+    is_interpreting,
+    shape_bucket,
+    tile_compact_index,
+    tile_grid,
+    upcast_flag,
+)
 
 
 @triton.jit
@@ -60,10 +76,10 @@ def _dw_tile(
 @triton.jit
 def _sddmm_kernel(
     dy_ptr, x_ptr, words_ptr, prefix_ptr, out_ptr,
-    T, O, I,
+    T, O, I, W,
     stride_dy_t, stride_dy_o, stride_x_t, stride_x_i, stride_w,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    CONTIGUOUS_STORES: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     # grouped ordering: GROUP_M row tiles share X column panels in L2
     pid = tl.program_id(0)
@@ -82,9 +98,16 @@ def _sddmm_kernel(
         stride_dy_t, stride_dy_o, stride_x_t, stride_x_i,
         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, INPUT_PRECISION,
     )
-    in_bounds = (offs_m < O)[:, None] & (offs_n < I)[None, :]
-    is_set, idx = compact_index(words_ptr, prefix_ptr, offs_m, offs_n, stride_w, in_bounds)
-    tl.store(out_ptr + idx, acc, mask=is_set)
+    # epilogue: each (row, word) of the mask and its prefix loaded once and broadcast to its 32 entries.
+    # CONTIGUOUS_STORES: a warp stores 32 consecutive columns of a row (consecutive compact indices) instead of
+    # one column of 32 rows; it costs registers (200 vs 124 at 128x128, AOT sm_90a: 1 CTA per SM instead of 2),
+    # so both variants are tuning candidates and the GPU timing decides.
+    is_set, idx = tile_compact_index(words_ptr, prefix_ptr, offs_m, pid_n, O, W, stride_w, BLOCK_N,
+                                     CONTIGUOUS_STORES)
+    if CONTIGUOUS_STORES:
+        tl.store(out_ptr + idx, tl.trans(acc), mask=is_set)
+    else:
+        tl.store(out_ptr + idx, acc, mask=is_set)
 
 
 @triton.jit
@@ -105,28 +128,106 @@ def _block_sddmm_kernel(
         stride_dy_t, stride_dy_o, stride_x_t, stride_x_i,
         BLOCK, BLOCK, BLOCK_K, UPCAST, INPUT_PRECISION,
     )
-    in_bounds = (offs_m < O)[:, None] & (offs_n < I)[None, :]
-    w_off = offs_m.to(tl.int64)[:, None] * stride_w + (offs_n // 32)[None, :]
-    prefix = tl.load(prefix_ptr + w_off, mask=in_bounds, other=0)
-    idx = prefix.to(tl.int64) + (offs_n % 32)[None, :].to(tl.int64)
-    tl.store(out_ptr + idx, acc, mask=in_bounds)
+    # every entry of an active tile is masked, so a tile row is one contiguous compact run starting at the
+    # prefix of its first word: one prefix load per row
+    row_ok = offs_m < O
+    start = tl.load(prefix_ptr + offs_m.to(tl.int64) * stride_w + block_c * (BLOCK // 32), mask=row_ok, other=0)
+    idx = start[:, None] + tl.arange(0, BLOCK)[None, :]
+    tl.store(out_ptr + idx, acc, mask=row_ok[:, None] & (offs_n < I)[None, :])
 
 
 def _input_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs follow torch's matmul setting (tf32 only if the user allowed it, like the reference);
-    fp16/bf16 ignore it (tensor cores either way), so they keep triton's default."""
+    """fp32 inputs use tf32 tensor cores exactly when torch's own fp32 matmuls may (``allow_tf32``, which
+    ``torch.set_float32_matmul_precision("high")`` also sets); otherwise IEEE fp32 (FMA, ~10x slower, exact
+    like the reference). fp16/bf16 ignore it (tensor cores either way), so they keep triton's default."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
 
 
-def _tile_config(dtype: torch.dtype) -> dict:
-    """Tile sizes. Interpreter: large tiles (per-program overhead dominates). GPU: the standard Hopper/Ampere
-    GEMM tile; fp32 halves BLOCK_K to keep 3 stages in shared memory. Not yet tuned on a GPU."""
-    if is_interpreting():
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=1)
-    block_k = 32 if dtype == torch.float32 else 64
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8, num_warps=8, num_stages=3)
+def dw_configs(dtype: torch.dtype, input_precision: str = "tf32", interpreter: bool | None = None) -> list[dict]:
+    """Launch configs the unstructured dW dispatch tunes over (timed once per shape bucket on the GPU).
+
+    Interpreter (``interpreter=None``: as the environment says): one large tile (per-program overhead
+    dominates). GPU, 16-bit inputs: the standard Hopper/Ampere GEMM tiles; each compiles for sm_90a and sm_80
+    within shared memory and without spills (``compile_check``). fp32 halves BLOCK_K to keep the stages in
+    shared memory. None has been timed on a GPU yet.
+    """
+    def cfg(m, n, k, group, warps, stages, contiguous=False):
+        return dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=group, CONTIGUOUS_STORES=contiguous,
+                    num_warps=warps, num_stages=stages)
+
+    if is_interpreting() if interpreter is None else interpreter:
+        return [cfg(64, 128, 128, 8, 4, 1)]
+    if dtype == torch.float32:
+        if input_precision == "ieee":  # FMA path: smaller tiles keep the fp32 operands in registers
+            return [cfg(64, 64, 32, 8, 4, 3)]
+        return [cfg(128, 128, 32, 8, 8, 3), cfg(128, 128, 32, 8, 8, 3, True), cfg(128, 64, 32, 8, 4, 4)]
+    # 128x256 with contiguous stores spills (255 registers, AOT sm_90a): only the row-lane variant is offered
+    return [
+        cfg(128, 128, 64, 8, 8, 3),
+        cfg(128, 128, 64, 8, 8, 3, True),
+        cfg(128, 128, 64, 16, 8, 4),
+        cfg(128, 256, 64, 8, 8, 3),
+        cfg(64, 128, 64, 8, 4, 4),
+        cfg(64, 128, 64, 8, 4, 4, True),
+    ]
+
+
+# block sizes the block dW kernel compiles for; 256 needs 256 KiB of shared memory (sm_90a limit 227 KiB)
+BLOCK_SIZES = (32, 64, 128)
+
+
+def block_config(block_size: int, dtype: torch.dtype, interpreter: bool | None = None) -> dict:
+    """Launch config of the block dW kernel for a block size (the tile is the block)."""
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"the block dW kernel supports block sizes {BLOCK_SIZES}, got {block_size}: a 256 tile "
+                         f"needs 256 KiB of shared memory (sm_90a allows 227 KiB); use block_size 64 or 128")
+    if is_interpreting() if interpreter is None else interpreter:
+        return dict(BLOCK_K=128, num_warps=4, num_stages=1)
+    return dict(BLOCK_K=32 if dtype == torch.float32 else 64, num_warps=8 if block_size >= 128 else 4, num_stages=3)
+
+
+_TUNER = Tuner()
+# fp32 rows of dW per panel of the torch.mm fallback: 16 MiB stays in H100/H200 L2 (50 MiB) until it is gathered
+_PANEL_BYTES = 16 << 20
+_PANELS = dict(PANELS=True)  # the tuner's candidate for the fallback below
+_MM_OUT_DTYPE: dict[torch.device, bool] = {}
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with fp32 output from 16-bit inputs (cuBLAS accumulates in fp32 and writes fp32)."""
+    return torch.mm(a, b, out_dtype=torch.float32)
+
+
+def _panels_available(dy: torch.Tensor) -> bool:
+    """torch.mm(..., out_dtype=float32) exists for 16-bit CUDA inputs (torch >= 2.8); probed once per device."""
+    if not dy.is_cuda or dy.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if dy.device not in _MM_OUT_DTYPE:
+        try:
+            one = torch.ones(1, 1, dtype=dy.dtype, device=dy.device)
+            _MM_OUT_DTYPE[dy.device] = _mm_fp32(one, one).dtype == torch.float32
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE[dy.device] = False
+    return _MM_OUT_DTYPE[dy.device]
+
+
+def _dw_panels(dy_TO: torch.Tensor, x_TI: torch.Tensor, layout: MaskLayout, out: torch.Tensor) -> None:
+    """Fallback: dense fp32 dW over row panels (cuBLAS), each gathered at its masked entries while in L2.
+    Peak extra memory is one panel (16 MiB), not the dense fp32 dW; the word prefixes are global compact
+    indices, so each panel's gather writes straight into ``out``."""
+    O, I = layout.shape
+    rows = max(1, _PANEL_BYTES // (4 * max(I, 1)))
+    W = layout.words.shape[1]
+    cfg = elementwise_config(min(rows, O), I)
+    for r0 in range(0, O, rows):
+        r1 = min(O, r0 + rows)
+        dw = _mm_fp32(dy_TO[:, r0:r1].T, x_TI)
+        words, prefix = layout.words[r0:r1], layout.word_prefix[r0:r1]
+        _gather_kernel[tile_grid(r1 - r0, I, cfg["BLOCK_R"], cfg["BLOCK_C"])](
+            dw, words, prefix, out, r1 - r0, I, W, dw.stride(0), words.stride(0), **cfg,
+        )
 
 
 def _validate(dy: torch.Tensor, x: torch.Tensor, layout: MaskLayout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,14 +256,27 @@ def masked_weight_grad_unstructured(
         return out
     if T == 0:
         return out.zero_()
-    cfg = _tile_config(dy.dtype)
-    grid = (triton.cdiv(O, cfg["BLOCK_M"]) * triton.cdiv(I, cfg["BLOCK_N"]),)
-    _sddmm_kernel[grid](
-        dy_TO, x_TI, layout.words, layout.word_prefix, out,
-        T, O, I,
-        dy_TO.stride(0), dy_TO.stride(1), x_TI.stride(0), x_TI.stride(1), layout.words.stride(0),
-        UPCAST=upcast_flag(dy), INPUT_PRECISION=_input_precision(dy.dtype), **cfg,
-    )
+    precision = _input_precision(dy.dtype)
+    upcast = upcast_flag(dy)
+    W = layout.words.shape[1]
+
+    def launch(cfg):
+        if cfg is _PANELS:
+            _dw_panels(dy_TO, x_TI, layout, out)
+            return
+        grid = (triton.cdiv(O, cfg["BLOCK_M"]) * triton.cdiv(I, cfg["BLOCK_N"]),)
+        _sddmm_kernel[grid](
+            dy_TO, x_TI, layout.words, layout.word_prefix, out,
+            T, O, I, W,
+            dy_TO.stride(0), dy_TO.stride(1), x_TI.stride(0), x_TI.stride(1), layout.words.stride(0),
+            UPCAST=upcast, INPUT_PRECISION=precision, **cfg,
+        )
+
+    # the tuner times every kernel config and, where cuBLAS can write fp32, the panel fallback, once per
+    # (dtype, shape bucket), and keeps the fastest: the dispatch picks the fallback exactly where it wins
+    configs = dw_configs(dy.dtype, precision) + ([_PANELS] if _panels_available(dy) else [])
+    key = (dy.dtype, precision, shape_bucket(T, 1024, 1 << 17), shape_bucket(O), shape_bucket(I))
+    launch(_TUNER.pick(key, configs, launch))
     return out
 
 
@@ -172,6 +286,7 @@ def masked_weight_grad_blocks(
     """Grid over ``layout.active_blocks`` only (block layouts); empty tiles are skipped."""
     if not layout.block_size or layout.active_blocks is None:
         raise ValueError("masked_weight_grad_blocks needs a block layout (MaskLayout.from_bool(mask, block_size=64))")
+    block_config(layout.block_size, dy.dtype)  # refuses block sizes that cannot compile before any work
     dy_TO, x_TI = _validate(dy, x, layout)
     (T, O), I = dy_TO.shape, x_TI.shape[1]
     out = _output(out, layout, dy.device)
@@ -180,14 +295,12 @@ def masked_weight_grad_blocks(
         return out
     if T == 0:
         return out.zero_()
-    cfg = _tile_config(dy.dtype)
+    cfg = block_config(layout.block_size, dy.dtype)
     _block_sddmm_kernel[(n_active,)](
         dy_TO, x_TI, layout.active_blocks, layout.word_prefix, out,
         T, O, I,
         dy_TO.stride(0), dy_TO.stride(1), x_TI.stride(0), x_TI.stride(1), layout.word_prefix.stride(0),
-        BLOCK=layout.block_size, BLOCK_K=cfg["BLOCK_K"],
-        UPCAST=upcast_flag(dy), INPUT_PRECISION=_input_precision(dy.dtype),
-        num_warps=cfg["num_warps"] if layout.block_size >= 128 else 4, num_stages=cfg["num_stages"],
+        BLOCK=layout.block_size, UPCAST=upcast_flag(dy), INPUT_PRECISION=_input_precision(dy.dtype), **cfg,
     )
     return out
 
