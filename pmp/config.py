@@ -76,7 +76,12 @@ class TrainConfig:
     snapshot_every: int = doc(
         "keep the weights (only) every N steps in RUN/snapshots, never deleted (0 = off): earlier states give "
         "quality-matched dense baselines (`pmp export --step`, `pmp pipeline --matched-baseline`)", 0)
-    device: str = doc("auto | cpu | cuda | cuda:N", "auto")
+    device: str = doc("auto | cpu | cuda | cuda:N (under torchrun: auto, cpu or cuda; rank r uses cuda:LOCAL_RANK)",
+                      "auto")
+    parallel: str = doc(
+        "data parallelism under torchrun: auto | none | ddp | fsdp. auto: none in one process; under torchrun ddp "
+        "(replicated model, compact gradients all-reduced) below 2e9 parameters, fsdp (sharded) above. The global "
+        "batch is batch_size x grad_accum sequences whatever the number of ranks (docs/distributed.md)", "auto")
     bf16: bool = doc("bf16 autocast on CUDA (ignored on CPU)", True)
     deterministic: bool = doc("deterministic algorithms (needed for bit-exact resume; slower on GPU)", True)
     threads: int = doc("CPU threads for torch (0 = torch's default)", 0)
@@ -150,6 +155,8 @@ class RunConfig:
         _check(t.keep_last >= 1, "train.keep_last must be >= 1, got {}", t.keep_last)
         _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
                "train.device must be auto, cpu, cuda or cuda:N, got {!r}", t.device)
+        _check(t.parallel in PARALLEL_MODES, "train.parallel must be one of {}, got {!r}", list(PARALLEL_MODES),
+               t.parallel)
         _check(0 < p.density <= 1, "pmp.density (rho) must be in (0, 1], got {}", p.density)
         _check(p.scorer in SCORERS, "pmp.scorer must be one of {}, got {!r}", SCORERS, p.scorer)
         _check(p.selection in ("global", "per_tensor"), "pmp.selection must be global or per_tensor, got {!r}",
@@ -173,6 +180,7 @@ class RunConfig:
 
 
 SCORERS = ("grad", "weight", "weight_grad", "random")
+PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
 
 
 RELEASE_DTYPES = ("fp32", "bf16")

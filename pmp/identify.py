@@ -18,6 +18,7 @@ from __future__ import annotations
 import secrets
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from pmp.config import PMPConfig
 
@@ -83,8 +84,10 @@ def mask_iou(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 class MaskIdentifier:
     """Accumulates smoothed scores over warm-up steps and decides when the mask is stable."""
 
-    def __init__(self, params: dict[str, torch.nn.Parameter], cfg: PMPConfig, block_names: set[str] = frozenset()):
-        """`block_names`: 2-D tensors that get whole-block masks when cfg.block_size > 0 (linear weights)."""
+    def __init__(self, params: dict[str, torch.nn.Parameter], cfg: PMPConfig, block_names: set[str] = frozenset(),
+                 random_seed: int | None = None):
+        """`block_names`: 2-D tensors that get whole-block masks when cfg.block_size > 0 (linear weights).
+        `random_seed`: the seed of the random scorer (default: drawn here; data-parallel ranks share rank 0's)."""
         self.params = params
         self.cfg = cfg
         self.block_names = set(block_names) if cfg.block_size else set()
@@ -95,13 +98,13 @@ class MaskIdentifier:
         self.last_iou = 0.0
         self.history: list[dict] = []
         # The random control draws its scores once: it is a fixed random mask, not a moving target.
-        self.random_seed = secrets.randbits(63)
+        self.random_seed = secrets.randbits(63) if random_seed is None else random_seed
 
     def _score(self, name: str, p: torch.nn.Parameter) -> torch.Tensor:
         s = self.cfg.scorer
         if s == "random":
             g = torch.Generator(device="cpu").manual_seed((self.random_seed + hash_name(name)) % 2**63)
-            return torch.rand(p.shape, generator=g).to(p.device)
+            return shaped_like(torch.rand(p.shape, generator=g), p)
         if s == "weight":
             return p.detach().abs().float()
         grad = p.grad if p.grad is not None else torch.zeros_like(p)
@@ -135,13 +138,20 @@ class MaskIdentifier:
         return rec
 
     def current_mask(self) -> dict[str, torch.Tensor]:
-        """Top-rho of the smoothed scores; whole blocks for the tensors in `block_names`."""
-        rho, bs = self.cfg.density, self.cfg.block_size
-        units = {n: block_scores(s, bs) if n in self.block_names else s for n, s in self.ema.items()}
-        sizes = {n: block_sizes(s.shape, bs).to(s.device) if n in self.block_names else None
-                 for n, s in self.ema.items()}
+        """Top-rho of the smoothed scores; whole blocks for the tensors in `block_names`. Scores sharded over
+        data-parallel ranks (FSDP DTensors) are gathered first -- one tensor at a time for per_tensor selection,
+        all of them for global -- so every rank selects the same full mask."""
         if self.cfg.selection == "per_tensor":
-            sel = {n: select_units(u.flatten(), sizes[n], round(rho * self.ema[n].numel())) for n, u in units.items()}
+            return {n: self._select({n: full_tensor(s)})[n] for n, s in self.ema.items()}
+        return self._select({n: full_tensor(s) for n, s in self.ema.items()})
+
+    def _select(self, ema: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        rho, bs = self.cfg.density, self.cfg.block_size
+        units = {n: block_scores(s, bs) if n in self.block_names else s for n, s in ema.items()}
+        sizes = {n: block_sizes(s.shape, bs).to(s.device) if n in self.block_names else None
+                 for n, s in ema.items()}
+        if self.cfg.selection == "per_tensor":
+            sel = {n: select_units(u.flatten(), sizes[n], round(rho * ema[n].numel())) for n, u in units.items()}
         else:
             flat = torch.cat([u.flatten() for u in units.values()])
             flat_sizes = None
@@ -149,14 +159,14 @@ class MaskIdentifier:
                 flat_sizes = torch.cat([sizes[n].flatten() if sizes[n] is not None
                                         else torch.ones(u.numel(), dtype=torch.int64, device=u.device)
                                         for n, u in units.items()])
-            total = sum(s.numel() for s in self.ema.values())
+            total = sum(s.numel() for s in ema.values())
             chosen = select_units(flat, flat_sizes, round(rho * total))
             sel, i = {}, 0
             for n, u in units.items():
                 sel[n] = chosen[i:i + u.numel()]
                 i += u.numel()
         out = {}
-        for n, s in self.ema.items():
+        for n, s in ema.items():
             m = sel[n].view(units[n].shape)
             out[n] = expand_blocks(m, bs, s.shape) if n in self.block_names else m
         return out
@@ -166,14 +176,28 @@ class MaskIdentifier:
                 "steps_seen": self.steps_seen, "history": self.history, "random_seed": self.random_seed}
 
     def load_state_dict(self, d: dict) -> None:
+        """Scores saved whole (one process, DDP) or sharded (FSDP) load into either layout."""
         dev = {n: p.device for n, p in self.params.items()}
-        self.ema = {n: t.to(dev[n]) for n, t in d["ema"].items()}
+        self.ema = {n: shaped_like(t, self.params[n]) for n, t in d["ema"].items()}
         self.prev = None if d["prev"] is None else {n: t.to(dev[n]) for n, t in d["prev"].items()}
         self.stable_steps = d["stable_steps"]
         self.last_iou = d.get("last_iou", 0.0)
         self.steps_seen = d["steps_seen"]
         self.history = d["history"]
         self.random_seed = d["random_seed"]
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded DTensor (a collective: every rank calls it), else `t`."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shaped_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """`t` (a whole tensor, or already a DTensor) laid out like parameter `p`: this rank's shard when `p` is a
+    DTensor (cut locally, no communication), else on p's device."""
+    if isinstance(p, DTensor) and not isinstance(t, DTensor):
+        return distribute_tensor(t.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+    return t.to(p.device)
 
 
 def hash_name(name: str) -> int:

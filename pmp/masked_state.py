@@ -12,12 +12,16 @@ stays bit-exactly at its values. Two modes:
   CUDA), so no second copy of the masked values exists: 12 B per masked entry (grad + 2 moments) + N/4 B of
   mask instead of 16 B per entry.
 
-Two gradient paths:
+Two gradient paths; in both the dense weight has requires_grad=False and `compact` is the only leaf that gets a
+gradient, through autograd (so PyTorch's DistributedDataParallel reduces exactly the compact gradients, ~rho of
+the dense bytes, and nothing else: train/parallel.py):
 - nn.Linear weights: the module's forward is swapped for `MaskedLinearFunction`, whose backward computes dX
   densely and the weight gradient only at masked entries (`pmp.kernels.masked_weight_grad`: the Triton SDDMM
   on CUDA, a torch reference elsewhere). No dense dW is ever kept.
-- everything else (embeddings, norms, tied weights, GPT-2 Conv1D): autograd computes the dense gradient, and a
-  post-accumulate hook gathers it into the compact gradient and frees it at once.
+- everything else (embeddings, norms, tied weights, GPT-2 Conv1D): for the duration of each owning module's
+  forward the parameter is replaced by `GatherGradFunction(dense, compact)`, the identity on the values whose
+  backward gathers the (transient) dense gradient at masked entries into the compact gradient. The callers call
+  the model as usual; a tied weight owned by two modules gets both contributions summed by autograd.
 Parameters outside the mask's scope (e.g. norms under scope=linear) train densely as usual.
 """
 
@@ -58,6 +62,20 @@ class MaskedLinearFunction(torch.autograd.Function):
         return dx, None, dbias, dcompact, None
 
 
+class GatherGradFunction(torch.autograd.Function):
+    """The dense weight's values in forward; in backward the gradient at masked entries, gathered in canonical
+    order, becomes the gradient of `compact` (the dense weight itself gets none)."""
+
+    @staticmethod
+    def forward(ctx, dense, compact, layout: MaskLayout):
+        ctx.layout = layout
+        return dense.detach()  # an alias: no copy of the weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, gather_compact(grad, ctx.layout, dtype=torch.float32), None
+
+
 def _masked_linear_forward(module: nn.Linear, compact: nn.Parameter, layout: MaskLayout):
     def forward(x):
         return MaskedLinearFunction.apply(x, module.weight, module.bias, compact, layout)
@@ -87,6 +105,10 @@ class MaskedModel:
             raise ValueError(f"mask names parameters the model does not have: {missing[:5]}")
         linear_of = {f"{mn}.weight": m for mn, m in model.named_modules() if isinstance(m, nn.Linear)}
         shared = _shared_parameter_ids(model)
+        owners: dict[int, list[tuple[nn.Module, str]]] = {}  # every (module, attribute) holding a parameter
+        for m in model.modules():
+            for attr, q in m.named_parameters(recurse=False):
+                owners.setdefault(id(q), []).append((m, attr))
         self.tensors: list[MaskedTensor] = []
         self.dense_trained: dict[str, nn.Parameter] = {}
         self._patched: list[nn.Module] = []
@@ -106,15 +128,15 @@ class MaskedModel:
                 if p.dtype != torch.float32:
                     raise ValueError(f"{name} is {p.dtype}: without an fp32 master the dense weight must be fp32")
                 compact = nn.Parameter(torch.zeros(1, device=p.device).expand(layout.nnz))
+            p.requires_grad_(False)
             module = linear_of.get(name)
             if module is not None and id(p) not in shared:
-                p.requires_grad_(False)
                 module.forward = _masked_linear_forward(module, compact, layout)
                 self._patched.append(module)
                 path = "linear"
             else:
-                p.requires_grad_(True)
-                self._hooks.append(p.register_post_accumulate_grad_hook(_gather_grad_hook(compact, layout)))
+                for owner, attr in owners[id(p)]:
+                    self._hooks += _route_gradient(owner, attr, p, compact, layout)
                 path = "generic"
             self.tensors.append(MaskedTensor(name, p, compact, layout, path, master))
 
@@ -124,6 +146,9 @@ class MaskedModel:
         decay = [t.compact for t in self.tensors if decays(t.dense)] + [p for p in dense if decays(p)]
         no_decay = [t.compact for t in self.tensors if not decays(t.dense)] + [p for p in dense if not decays(p)]
         return decay_groups(decay, no_decay, weight_decay)
+
+    def compact_parameters(self) -> list[nn.Parameter]:
+        return [t.compact for t in self.tensors]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [t.compact for t in self.tensors] + list(self.dense_trained.values())
@@ -162,13 +187,16 @@ class MaskedModel:
         return self.model
 
 
-def _gather_grad_hook(compact: nn.Parameter, layout: MaskLayout):
-    def hook(p: torch.Tensor) -> None:
-        g = gather_compact(p.grad, layout, dtype=torch.float32)
-        compact.grad = g if compact.grad is None else compact.grad.add_(g)
-        p.grad = None  # the dense gradient lives only for this moment
+def _route_gradient(owner: nn.Module, attr: str, dense: nn.Parameter, compact: nn.Parameter, layout: MaskLayout):
+    """Hooks that make `owner.<attr>` read GatherGradFunction(dense, compact) during owner's forward only."""
 
-    return hook
+    def swap_in(module, args):
+        module._parameters[attr] = GatherGradFunction.apply(dense, compact, layout)
+
+    def swap_out(module, args, output):
+        module._parameters[attr] = dense
+
+    return [owner.register_forward_pre_hook(swap_in), owner.register_forward_hook(swap_out, always_call=True)]
 
 
 def _shared_parameter_ids(model: nn.Module) -> set[int]:

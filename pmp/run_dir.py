@@ -227,7 +227,8 @@ def open_run(out: str | Path, cfg: RunConfig, resume: bool) -> RunDir:
 # Settings that say how a run is watched and kept, not what it trains: they may differ between a run and a config
 # that would reproduce it.
 BOOKKEEPING = {"train": ("progress", "tensorboard", "log_every", "eval_every", "eval_batches", "ckpt_every",
-                         "keep_last", "snapshot_every", "threads", "skip_nonfinite_batches")}
+                         "keep_last", "snapshot_every", "threads", "skip_nonfinite_batches",
+                         "parallel")}
 
 
 def config_difference(run: RunDir, cfg: RunConfig) -> str:

@@ -22,13 +22,17 @@ def memory_mb(device: torch.device) -> float:
 
 
 class RunLogger:
-    def __init__(self, metrics_path: Path, total_steps: int, start_step: int, progress: bool, tensorboard_dir=None):
+    """`active=False` (the ranks other than 0 of a data-parallel job): writes and prints nothing."""
+
+    def __init__(self, metrics_path: Path, total_steps: int, start_step: int, progress: bool, tensorboard_dir=None,
+                 active: bool = True):
         self.path = metrics_path
-        self.file = open(metrics_path, "a", buffering=1)  # noqa: SIM115 - closed in close()
-        self.bar = tqdm(total=total_steps, initial=start_step, disable=not progress or not sys.stderr.isatty(),
-                        dynamic_ncols=True, leave=False)
+        self.active = active
+        self.file = open(metrics_path, "a", buffering=1) if active else None  # noqa: SIM115 - closed in close()
+        self.bar = tqdm(total=total_steps, initial=start_step,
+                        disable=not (active and progress and sys.stderr.isatty()), dynamic_ncols=True, leave=False)
         self.tb = None
-        if tensorboard_dir is not None:
+        if tensorboard_dir is not None and active:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - optional dependency
             except ImportError as e:
@@ -36,6 +40,8 @@ class RunLogger:
             self.tb = SummaryWriter(str(tensorboard_dir))
 
     def log(self, row: dict, console: str | None = None) -> None:
+        if not self.active:
+            return
         self.file.write(json.dumps(row) + "\n")
         if self.tb is not None and "step" in row:
             for k, v in row.items():
@@ -45,6 +51,8 @@ class RunLogger:
             self.echo(console)
 
     def echo(self, line: str) -> None:
+        if not self.active:
+            return
         if self.bar.disable:
             print(line, flush=True)
         else:
@@ -55,6 +63,7 @@ class RunLogger:
 
     def close(self) -> None:
         self.bar.close()
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.tb is not None:
             self.tb.close()

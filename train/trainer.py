@@ -1,45 +1,70 @@
 """The trainer, top to bottom: data -> model with a secret init -> [dense warm-up + mask identification ->
 rewind] -> (masked) training -> final private model.
 
+(Over 400 lines on purpose: the phases and their checkpointing read top to bottom in one file, the way a user
+audits what a run did; the engines, the distributed plumbing and the state formats live in their own modules.)
+
 method=dense trains every parameter for `train.steps` steps. method=pmp spends the first steps as a dense
 warm-up that identifies the private mask (pmp/identify.py), rewinds every weight to its initial value, and
 trains only the masked entries for the remaining steps (pmp/masked_state.py). Both see the same batch at the
 same step when they share `train.data_seed`, so they can be compared at equal budget.
+
+Under torchrun the same recipe runs data-parallel (`train.parallel`, train/distributed.py, docs/distributed.md):
+each rank trains on its slice of the same global batch (pmp/data/blocks.py `RankBatches`); PyTorch's DDP
+(train/parallel.py) or FSDP2 (train/fsdp.py) reduces the gradients, so identification scores the global gradient
+and every rank selects the same mask (checked by fingerprint at the switch). Rank 0 alone writes the run
+directory, whose layout is that of a one-process run; FSDP checkpoints add their sharded state (dcp/).
 """
 
 from __future__ import annotations
 
+import gc
+import hashlib
 import json
 import math
+import secrets
 import shutil
 import time
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from pmp.atomic import atomic_dir, atomic_file, owner_only, remove_leftovers
 from pmp.config import RunConfig
-from pmp.data.blocks import BatchStream, eval_batches, token_blocks
-from pmp.data.corpus import load_documents, split_documents
+from pmp.data.blocks import BatchStream, RankBatches, eval_slices
 from pmp.dir_lock import LOCK_FILE, exclusive
-from pmp.identify import MaskIdentifier
+from pmp.identify import MaskIdentifier, full_tensor
 from pmp.mask import PrivateMask
 from pmp.masked_optim import MaskedAdamW
 from pmp.masked_state import MaskedModel
-from pmp.model import build_model, count_parameters, draw_init_seed, hf_config
-from pmp.run_dir import RunDir, initialize_run, open_run
+from pmp.model import build_model, count_parameters
+from pmp.run_dir import RunDir, open_run
 from pmp.schedule import lr_at
 from pmp.step_dir import list_step_dirs
-from pmp.tokenizer import get_tokenizer
 from pmp.train.checkpoint import (
+    is_sharded,
     load_checkpoint,
+    load_sharded,
     rng_state,
     save_checkpoint,
+    save_sharded_checkpoint,
     save_snapshot,
     set_rng_state,
 )
+from pmp.train.distributed import DistContext, process_group, resolve_device, resolve_parallel
+from pmp.train.fsdp import ShardedMaskedAdamW, copy_full_, gather_state_dict, own_part, shard_model
 from pmp.train.logger import RunLogger, memory_mb
+from pmp.train.optim_state import (
+    MOMENTS,
+    adamw_named_state,
+    load_adamw_named_state,
+    load_named_into,
+    named_from_indexed,
+    optimizer_param_names,
+)
+from pmp.train.parallel import release, wrap_dense, wrap_masked
+from pmp.train.run_setup import follow_run, prepare_run
 from pmp.weight_decay import param_groups
 
 MAX_SKIPS_IN_A_ROW = 10  # with train.skip_nonfinite_batches: more non-finite batches in a row stop the run
@@ -53,33 +78,41 @@ def pretrain(cfg: RunConfig, out: str | Path, resume: bool = False) -> RunDir:
     """Library entry point of `pmp pretrain`: train (or resume) the run in `out`; returns its RunDir.
 
     The config and the directory are checked before anything is written; the run directory is then held by one
-    writer (pmp/dir_lock.py) and everything in it is created owner-only."""
+    writer (pmp/dir_lock.py; rank 0 of a data-parallel job) and everything in it is created owner-only."""
     cfg.validate()
     out = Path(out)
-    open_run(out, cfg, resume)  # refuse early, before the lock creates the directory
-    created = not out.exists()
-    try:
-        with owner_only(), exclusive(out, "run directory"):
+    with process_group(cfg.train) as ctx, ExitStack() as held:
+        created = False
+
+        def claim() -> None:  # rank 0 (or the only process)
+            nonlocal created
+            open_run(out, cfg, resume)  # refuse early, before the lock creates the directory
+            created = not out.exists()
+            held.enter_context(exclusive(out, "run directory"))
             remove_leftovers(out)
-            trainer = Trainer(cfg, out, resume)
+
+        held.enter_context(owner_only())
+        trainer = None
+        try:
+            ctx.main_first(claim)  # a refusal on rank 0 stops every rank with its message
+            trainer = Trainer(cfg, out, resume, ctx)
             try:
                 trainer.train()
             finally:
                 trainer.log.close()  # also when training stops with an error
             return trainer.run
-    except BaseException:
-        if created and {p.name for p in out.iterdir()} <= {LOCK_FILE}:  # failed before writing anything
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name} but CUDA is not available; use cpu or auto")
-    return dev
+        except BaseException:
+            if created and out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_FILE}:  # failed before writing
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+        finally:
+            # Free what holds the process group (DDP's reducer) before the group is torn down: a DDP reducer
+            # destroyed after destroy_process_group() hung at exit (gloo, about 1 run in 5).
+            if trainer is not None:
+                release(trainer.net)
+                trainer.net = None
+            del trainer
+            gc.collect()
 
 
 def masked_scope(model: torch.nn.Module, scope: str) -> list[str]:
@@ -94,28 +127,43 @@ def masked_scope(model: torch.nn.Module, scope: str) -> list[str]:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, out: Path, resume: bool):
+    def __init__(self, cfg: RunConfig, out: Path, resume: bool, ctx: DistContext | None = None):
         self.cfg, t = cfg, cfg.train
-        self.device = resolve_device(t.device)
+        self.ctx = ctx or DistContext(device=resolve_device(t.device))
+        self.device = self.ctx.device
         if t.threads:
             torch.set_num_threads(t.threads)
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=self.device.type == "cuda")
-        self.run = open_run(out, cfg, resume)  # again, under the lock
-        self.tokenizer, self.train_blocks, self.val_blocks = self._load_data(resume)
-        if not self.run.is_run():  # fresh, or interrupted before run.json was written
-            initialize_run(self.run, cfg)
-        if not self.run.tokenizer.is_dir():
-            with atomic_dir(self.run.tokenizer, overwrite=True) as tmp:
-                self.tokenizer.save_pretrained(str(tmp))
+        # bad batch / mode for this number of ranks: refused on every rank before anything is written
+        self.batches = RankBatches.plan(t.batch_size, t.grad_accum, self.ctx.rank, self.ctx.world)
+        resolve_parallel(t.parallel, self.ctx.world, 0)
+        # rank 0 checks the directory again, under the lock; the others only read what rank 0 writes
+        self.run = open_run(out, cfg, resume) if self.ctx.is_main else RunDir(Path(out))
+        prepared = {}
+
+        def prepare() -> dict:  # rank 0: data, tokenizer, run directory, initial weights
+            prepared["inputs"], shared = prepare_run(cfg, self.run, resume)
+            return shared
+
+        shared = self.ctx.main_first(prepare)
+        inputs = prepared["inputs"] if self.ctx.is_main else follow_run(cfg, self.run, shared, self.ctx.rank)
+        self.tokenizer, self.train_blocks, self.val_blocks = inputs.tokenizer, inputs.train_blocks, inputs.val_blocks
+        self.hf_cfg, self.init_state = inputs.hf_cfg, inputs.init_state
+        self.ctx.agree("token blocks", shared["digest"], "every rank must read the same tokenized corpus")
+        self.ctx.agree("initial weights", json.loads(self.run.init_record.read_text())["sha256"],
+                       "every rank must read the run directory rank 0 writes")
 
         self.stream = BatchStream(self.train_blocks, t.batch_size, t.data_seed)
-        self.hf_cfg = hf_config(cfg.model, len(self.tokenizer), self.tokenizer.bos_token_id,
-                                self.tokenizer.eos_token_id, cfg.data.seq_len)
-        self.init_state = self._initial_weights(resume)
         self.model = build_model(self.hf_cfg, 0)
         self.model.load_state_dict(self.init_state)
         self.model.to(self.device)
+        self.mode = resolve_parallel(t.parallel, self.ctx.world, count_parameters(self.model))
+        if self.mode == "fsdp":  # shard in place; keep only this rank's part of the initial weights (for rewind)
+            shard_model(self.model, self.device)
+            named = dict(self.model.named_parameters())
+            self.init_state = {n: own_part(v, named[n]) if n in named else v for n, v in self.init_state.items()}
+        self.net: torch.nn.Module | None = None  # what the training forward calls: the model or its DDP wrapper
 
         self.step = 0
         self.phase = "dense" if t.method == "dense" else "identify"
@@ -126,51 +174,18 @@ class Trainer:
         self.optimizer = self._dense_optimizer()
         if self.phase == "identify":
             self.identifier = self._new_identifier()
-        ckpts = list_step_dirs(self.run.checkpoints)
-        if resume and ckpts:
-            self._restore(ckpts[-1])
-        elif resume:
+        ckpt = self.ctx.main_first(lambda: _latest(self.run.checkpoints) if resume else None)
+        if ckpt is not None:
+            self._restore(Path(ckpt))
+        elif resume and self.ctx.is_main:
             print(f"[pmp] --resume: no checkpoint in {self.run.checkpoints} yet; starting from step 0")
             _truncate_metrics(self.run.metrics, -1)  # all of it will be produced again
+        if self.net is None:
+            self.net = wrap_dense(self.model) if self.mode == "ddp" else self.model
         self.log = RunLogger(self.run.metrics, t.steps, self.step, t.progress,
-                             self.run.root / "tb" if t.tensorboard else None)
+                             self.run.root / "tb" if t.tensorboard else None, active=self.ctx.is_main)
 
     # ------------------------------------------------------------------------------------------ set-up
-    def _load_data(self, resume: bool):
-        d = self.cfg.data
-        docs = load_documents(d)
-        train_docs, val_docs = split_documents(docs, d.val_fraction)
-        if resume and self.run.tokenizer.is_dir():
-            tok = AutoTokenizer.from_pretrained(str(self.run.tokenizer))
-        else:
-            tok = get_tokenizer(self.cfg.tokenizer, train_docs, d.cache_dir)
-        train_blocks = token_blocks(tok, train_docs, d.seq_len, d.cache_dir, tag="train")
-        val_blocks = token_blocks(tok, val_docs, d.seq_len, d.cache_dir, tag="val")
-        return tok, train_blocks, val_blocks
-
-    def _initial_weights(self, resume: bool) -> dict[str, torch.Tensor]:
-        """The secret initial weights: re-read and verified, rebuilt from the recorded seed, or drawn fresh -- never
-        redrawn for a run that already trained from them (its complement would stop matching)."""
-        run = self.run
-        if run.init_record.is_file():
-            if run.init_weights.is_file():
-                return run.load_init()
-            seed = int(json.loads(run.init_record.read_text())["seed"])
-            state = {k: v.detach().clone() for k, v in build_model(self.hf_cfg, seed).state_dict().items()}
-            run.restore_init(state)
-            print(f"[pmp] rebuilt {run.init_weights} from the recorded seed (sha256 verified)")
-            return state
-        if run.init_weights.is_file() or (resume and run.has_trained()):
-            raise ValueError(f"{run.root}: the record of the initial weights' seed ({run.init_record}) is missing but "
-                             "the run already trained from them; restore private/init.json (and init.safetensors) "
-                             "from a backup -- a new init would not match the frozen complement")
-        seed = draw_init_seed(self.cfg.model.init_seed)
-        model = build_model(self.hf_cfg, seed)
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self.run.save_init(state, seed, pinned=self.cfg.model.init_seed is not None,
-                           parameters=count_parameters(model))
-        return state
-
     def _dense_optimizer(self) -> torch.optim.Optimizer:
         t = self.cfg.train
         groups = param_groups([p for p in self.model.parameters() if p.requires_grad], t.weight_decay)
@@ -178,26 +193,32 @@ class Trainer:
 
     def _masked_optimizer(self) -> torch.optim.Optimizer:
         t = self.cfg.train
-        return MaskedAdamW(self.masked, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
+        hyper = {"lr": t.lr, "betas": (t.beta1, t.beta2), "eps": t.eps, "weight_decay": t.weight_decay}
+        if self.mode == "fsdp":  # compaction inside the optimizer, on each rank's shard (train/fsdp.py)
+            return ShardedMaskedAdamW(self.model, self.mask, **hyper)
+        return MaskedAdamW(self.masked, **hyper)
 
     def _new_identifier(self) -> MaskIdentifier:
         named = dict(self.model.named_parameters())
         scope = masked_scope(self.model, self.cfg.pmp.scope)
         return MaskIdentifier({n: named[n] for n in scope}, self.cfg.pmp,
-                              block_names=set(masked_scope(self.model, "linear")) & set(scope))
+                              block_names=set(masked_scope(self.model, "linear")) & set(scope),
+                              random_seed=self.ctx.broadcast(secrets.randbits(63)))
 
     # ------------------------------------------------------------------------------------------ phases
     def _finish_identification(self, rec: dict) -> None:
-        """Freeze the mask, save it privately, rewind, and switch to masked training."""
+        """Freeze the mask, check that every rank holds it, save it privately, rewind, and switch to masked
+        training."""
         p = self.cfg.pmp
         meta = {"density": p.density, "scope": p.scope, "selection": p.selection, "scorer": p.scorer,
                 "block_size": p.block_size,
                 "ema_beta": p.ema_beta, "identification_step": self.step, "reason": rec["reason"]}
         blocks = {n: p.block_size for n in self.identifier.block_names}
         self.mask = PrivateMask.from_bool(self.identifier.current_mask(), meta, block_sizes=blocks)
-        self.mask.save(self.run.private)
-        with atomic_file(self.run.identification, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.identifier.history)
+        self.ctx.agree("masks", self.mask.fingerprint(),
+                       "identification scores the reduced gradient, so this means the ranks' gradients or scores "
+                       "differed")
+        self.ctx.main_first(self._save_mask)
         checks = sum(1 for r in self.identifier.history if r.get("checked"))
         iou = f"last IoU {rec['iou']:.4f}" if checks >= 2 else f"{checks} mask check(s): no IoU to compare yet"
         self.log.echo(f"[pmp] mask identified at step {self.step} ({rec['reason']}, {iou}): "
@@ -206,22 +227,35 @@ class Trainer:
         self.log.echo("[pmp] mask density by kind: " + ", ".join(f"{k} {v:.3f}" for k, v in by_kind.items()))
         self.log.log({"step": self.step, "phase": "identify", "mask_density_by_kind": by_kind})
         if p.rewind:
-            self.model.load_state_dict(self.init_state)
+            self._load_weights(self.init_state)
         self.identifier = None
         self._enter_masked_phase(self.step)
 
+    def _save_mask(self) -> None:
+        self.mask.save(self.run.private)
+        with atomic_file(self.run.identification, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.identifier.history)
+
     def _enter_masked_phase(self, start: int) -> None:
-        # fp32 weights are their own master: no compact copy of the masked values (pmp/masked_state.py)
-        self.masked = MaskedModel(self.model, self.mask.layouts, master=False)
+        if self.mode != "fsdp":  # FSDP keeps the stock model: its optimizer compacts on each shard
+            # fp32 weights are their own master: no compact copy of the masked values (pmp/masked_state.py)
+            self.masked = MaskedModel(self.model, self.mask.layouts, master=False)
         self.optimizer = self._masked_optimizer()
+        if self.mode == "ddp":  # the trainable set changed: a new wrapper that reduces the compact gradients
+            release(self.net)
+            self.net = None
+            self.net = wrap_masked(self.model, self.masked)
+        else:
+            self.net = self.model
         self.phase, self.phase_start = "masked", start
 
     # ------------------------------------------------------------------------------------------ loop
     def train(self) -> None:
         t = self.cfg.train
+        ranks = f", {self.ctx.world} ranks ({self.mode})" if self.ctx.distributed else ""
         self.log.echo(f"[pmp] {t.method} run in {self.run.root}: {count_parameters(self.model):,} parameters, "
                       f"{len(self.train_blocks):,} train / {len(self.val_blocks):,} val blocks of "
-                      f"{self.cfg.data.seq_len} tokens, device {self.device}")
+                      f"{self.cfg.data.seq_len} tokens, device {self.device}{ranks}")
         if self.step == 0:
             self._evaluate()
         window_loss, window_steps, t0, toks = 0.0, 0, time.perf_counter(), 0
@@ -246,7 +280,7 @@ class Trainer:
             self.step += 1
             self.log.advance()
             window_loss, window_steps = window_loss + loss, window_steps + 1
-            toks += t.batch_size * t.grad_accum * self.cfg.data.seq_len
+            toks += t.batch_size * t.grad_accum * self.cfg.data.seq_len  # the global batch, whatever the ranks
             if rec is not None:
                 if rec["checked"]:
                     self.log.log({"step": self.step, "phase": "identify", "iou": rec["iou"],
@@ -255,21 +289,24 @@ class Trainer:
                     self._finish_identification(rec)
             if self.step % t.log_every == 0 or self.step == t.steps:
                 dt = time.perf_counter() - t0
+                mem = self.ctx.max(memory_mb(self.device))
                 row = {"step": self.step, "phase": step_phase, "loss": window_loss / window_steps, "lr": lr,
-                       "grad_norm": grad_norm, "tokens_per_s": toks / dt, "mem_mb": memory_mb(self.device)}
+                       "grad_norm": grad_norm, "tokens_per_s": toks / dt, "mem_mb": mem}
                 self.log.log(row, f"step {self.step:6d} | {step_phase:8s} | loss {row['loss']:.4f} | lr {lr:.2e} | "
                                   f"{row['tokens_per_s']:8.0f} tok/s | mem {row['mem_mb']:.0f} MB")
                 window_loss, window_steps, t0, toks = 0.0, 0, time.perf_counter(), 0
             if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
                 self._evaluate()
             if t.snapshot_every and self.step % t.snapshot_every == 0 and self.step < t.steps:
-                save_snapshot(self.run.snapshots, self.step, self.model.state_dict())
+                weights = self._whole_state_dict()
+                self.ctx.main_first(lambda w=weights: save_snapshot(self.run.snapshots, self.step, w))
             if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps:
                 self._save_checkpoint()
         self._finish()
 
     def _non_finite(self, what: str, value: float, skippable: bool = True) -> None:
-        """Stop with an error that names the step (the last checkpoint stays valid), or skip the batch."""
+        """Stop with an error that names the step (the last checkpoint stays valid), or skip the batch. The loss
+        and the gradient norm are global, so every rank takes the same decision."""
         t = self.cfg.train
         self.skipped_in_a_row = getattr(self, "skipped_in_a_row", 0) + 1
         if skippable and t.skip_nonfinite_batches and self.skipped_in_a_row <= MAX_SKIPS_IN_A_ROW:
@@ -279,40 +316,63 @@ class Trainer:
             return
         if self.skipped_in_a_row > MAX_SKIPS_IN_A_ROW:
             what = f"{what} of {self.skipped_in_a_row} batches in a row (the weights themselves may be broken)"
+        self.ctx.stop_together()  # the loss and the norm are global: every rank stops here
         raise NonFiniteLoss(f"the training {what} is {value} at step {self.step + 1} ({self.phase} phase, lr "
                             f"{self.optimizer.param_groups[0]['lr']:.3g}): lower train.lr or check the data"
                             + ("; train.skip_nonfinite_batches=true skips such batches" if skippable else "")
                             + f"; `pmp pretrain --out {self.run.root} --resume` continues from the last checkpoint")
 
     def _forward_backward(self) -> float:
-        t, total = self.cfg.train, 0.0
-        for _ in range(t.grad_accum):
-            batch = self.stream.next_batch().to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16()):
-                loss = self.model(input_ids=batch, labels=batch).loss
-            (loss / t.grad_accum).backward()
-            total += loss.item() / t.grad_accum
-        return total
+        """This rank's micro-batches of the global batch; returns the global mean loss. Each micro-batch loss is
+        scaled by 1/accum here and DDP averages over ranks, so the gradient is that of the global mean (with one
+        micro-batch per rank, bit-identical to one process accumulating the same micro-batches)."""
+        micro = self.batches.step_indices(self.stream, self.cfg.train.grad_accum)
+        total = 0.0
+        for i, idx in enumerate(micro):
+            # Randomness in the forward (dropout, e.g. GPT-2's) gets a stream per micro-batch, keyed by its place in
+            # the global batch: ranks never share a stream, and 1, 2 or 4 ranks draw the same numbers.
+            torch.manual_seed(_micro_batch_seed(self.cfg.train.data_seed, self.step, self.batches.offset(i)))
+            batch = self.stream.take(idx).to(self.device)
+            last = i == len(micro) - 1
+            with nullcontext() if last or self.mode != "ddp" else self.net.no_sync():  # reduce once per step
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16()):
+                    loss = self.net(input_ids=batch, labels=batch).loss
+                (loss / len(micro)).backward()
+            total += loss.item() / len(micro)
+        return self.ctx.sum([total])[0] / self.ctx.world if self.ctx.distributed else total
 
     def _bf16(self) -> bool:
         return self.cfg.train.bf16 and self.device.type == "cuda"
 
     def _clip(self) -> float:
+        clip = self.cfg.train.grad_clip
+        clip = clip if clip > 0 else math.inf
+        if isinstance(self.optimizer, ShardedMaskedAdamW):  # the norm of what trains: masked entries, summed
+            return self.optimizer.clip_grad_norm_(clip)
         params = self.masked.trainable_parameters() if self.masked else list(self.model.parameters())
         params = [p for p in params if p.grad is not None]
-        clip = self.cfg.train.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
-        return float(norm)
+        return float(full_tensor(torch.nn.utils.clip_grad_norm_(params, clip)))
 
     @torch.no_grad()
     def _evaluate(self) -> float:
+        """Held-out loss; the ranks split the fixed held-out batches round-robin and sum (loss x count)."""
         self.model.eval()
         total, count = 0.0, 0
-        for batch in eval_batches(self.val_blocks, self.cfg.train.batch_size, self.cfg.train.eval_batches):
+        t = self.cfg.train
+        slices = eval_slices(len(self.val_blocks), t.batch_size, t.eval_batches)
+        mine = slices[self.ctx.rank::self.ctx.world]
+        if self.mode == "fsdp":  # every rank runs as many forwards (each one all-gathers): pad with ignored batches
+            rounds = -(-len(slices) // self.ctx.world)
+            mine = mine + [None] * (rounds - len(mine))
+        for s in mine:
+            batch = torch.from_numpy(self.val_blocks[s if s is not None else slices[0]].astype("int64"))
             batch = batch.to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16()):
                 loss = float(self.model(input_ids=batch, labels=batch).loss)
-            total, count = total + loss * len(batch), count + len(batch)  # the last batch may be smaller
+            if s is not None:
+                total, count = total + loss * len(batch), count + len(batch)  # the last batch may be smaller
+        if self.ctx.distributed:
+            total, count = self.ctx.sum([total, count])
         self.model.train()
         val = total / max(count, 1)
         self.log.log({"step": self.step, "phase": self.phase, "val_loss": val, "val_ppl": math.exp(val)},
@@ -322,49 +382,161 @@ class Trainer:
         return val
 
     # ------------------------------------------------------------------------------------------ persistence
-    def _save_checkpoint(self) -> None:
+    def _load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        if self.mode == "fsdp":
+            copy_full_(self.model, state)  # each rank takes its shard
+        else:
+            self.model.load_state_dict(state)
+
+    def _whole_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's whole state_dict where rank 0 writes it (FSDP gathers it: every rank must call this)."""
+        return gather_state_dict(self.model) if self.mode == "fsdp" else self.model.state_dict()
+
+    def _trainer_state(self) -> dict:
         state = {"step": self.step, "phase": self.phase, "phase_start": self.phase_start,
-                 "optimizer": self.optimizer.state_dict(), "stream": self.stream.state_dict(), "rng": rng_state()}
+                 "stream": self.stream.state_dict(), "rng": rng_state()}
         if self.identifier is not None:
             state["identifier"] = self.identifier.state_dict()
-        if self.masked is not None:
+        if self.phase == "masked":
             state["mask_sha256"] = self.mask.fingerprint()
             state["mask_words"] = {n: lay.packed_bytes().cpu() for n, lay in self.mask.layouts.items()}
-        save_checkpoint(self.run.checkpoints, self.step, self.model.state_dict(), state, self.cfg.train.keep_last)
-        self.run.write_status(step=self.step, phase=self.phase)
+        if self.ctx.distributed:
+            state["trained_on"] = {"ranks": self.ctx.world, "parallel": self.mode}
+        return state
+
+    def _save_checkpoint(self) -> None:
+        """Replicated state (one process, DDP): rank 0 writes the one-process format, which resumes at any number
+        of ranks. Sharded state (FSDP): every rank writes its part of dcp/ (train/checkpoint.py)."""
+        keep = self.cfg.train.keep_last
+        if self.mode == "fsdp":
+            weights, state = self._whole_state_dict(), self._trainer_state()
+            steps, sharded = self._named_optimizer_state()
+            state["optimizer_steps"] = steps
+            sharded = {f"optim.{k}": v for k, v in sharded.items()}
+            if self.identifier is not None:
+                state["identifier"] = {k: v for k, v in state["identifier"].items() if k != "ema"}
+                sharded.update({f"ident.ema.{n}": v for n, v in self.identifier.ema.items()})
+            save_sharded_checkpoint(self.ctx, self.run.checkpoints, self.step, weights, state, sharded, keep)
+
+        def write() -> None:  # rank 0
+            if self.mode != "fsdp":
+                state = {**self._trainer_state(), "optimizer": self.optimizer.state_dict()}
+                save_checkpoint(self.run.checkpoints, self.step, self.model.state_dict(), state, keep)
+            self.run.write_status(step=self.step, phase=self.phase, **self._ranks_status())
+
+        self.ctx.main_first(write)
+
+    def _ranks_status(self) -> dict:
+        return {"ranks": self.ctx.world, "parallel": self.mode} if self.ctx.distributed else {}
+
+    def _optimizer_names(self) -> list[str]:
+        return optimizer_param_names(self.model, set(self.mask.layouts) if self.phase == "masked" else None)
+
+    def _named_optimizer_state(self, zeros: bool = False) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+        """The optimizer state by name, laid out for this mode (targets of zeros to load into, with `zeros`)."""
+        if isinstance(self.optimizer, ShardedMaskedAdamW):
+            return self.optimizer.named_state(zeros)
+        if self.mode == "fsdp":
+            return adamw_named_state(self.optimizer, self.model, zeros)
+        assert zeros, "replicated optimizers are checkpointed by index (state_dict)"
+        named = dict(self.model.named_parameters())
+        compact = set(self.mask.layouts) if self.phase == "masked" else set()
+        shape = {n: (self.mask.layouts[n].nnz,) if n in compact else tuple(named[n].shape) for n in named}
+        return {}, {f"{n}.{k}": torch.zeros(shape[n]) for n in named for k in MOMENTS}
 
     def _restore(self, path: Path) -> None:
         step, model_state, state = load_checkpoint(path)
-        self.model.load_state_dict(model_state)
+        self._load_weights(model_state)
         self.step, self.phase_start = step, state["phase_start"]
-        if state["phase"] == "identify":
-            self.identifier.load_state_dict(state["identifier"])
-        elif state["phase"] == "masked":
+        if state["phase"] == "masked":
             self.identifier = None
             self.mask = PrivateMask.load(self.run.private)
             if self.mask.fingerprint() != state["mask_sha256"]:
                 raise ValueError(f"checkpoint {path} was trained with a different mask than {self.run.private}: "
                                  "refusing to resume (restore the run's own private/mask.* files)")
+            self.ctx.agree("masks", self.mask.fingerprint(), "every rank must read the run's own private/mask.*")
+            self.phase = "masked"
             self._enter_masked_phase(self.phase_start)
-        self.optimizer.load_state_dict(state["optimizer"])
+        sharded = None
+        if is_sharded(path):  # an FSDP checkpoint: the moments (and scores) come from dcp/, cut for this job
+            sharded = {f"optim.{k}": v for k, v in self._named_optimizer_state(zeros=True)[1].items()}
+            if state["phase"] == "identify":
+                sharded.update({f"ident.ema.{n}": torch.zeros_like(p) if self.mode == "fsdp" else
+                                torch.zeros(p.shape) for n, p in self.identifier.params.items()})
+            load_sharded(path, sharded)
+        if state["phase"] == "identify":
+            ident = dict(state["identifier"])
+            if sharded is not None:
+                ident["ema"] = {k.removeprefix("ident.ema."): v for k, v in sharded.items() if k.startswith("ident.")}
+            self.identifier.load_state_dict(ident)
+        self._load_optimizer(state, sharded)
         self.stream.load_state_dict(state["stream"])
         set_rng_state(state["rng"])
         self.phase = state["phase"]
-        _truncate_metrics(self.run.metrics, step)
-        print(f"[pmp] resumed {self.run.root} at step {step} ({self.phase})")
+        if self.ctx.is_main:
+            _truncate_metrics(self.run.metrics, step)
+            print(f"[pmp] resumed {self.run.root} at step {step} ({self.phase})"
+                  + (f" on {self.ctx.world} ranks" if self.ctx.distributed else ""))
+
+    def _load_optimizer(self, state: dict, sharded: dict | None) -> None:
+        if sharded is None and self.mode != "fsdp":  # the one-process format into a replicated optimizer
+            self.optimizer.load_state_dict(state["optimizer"])
+            return
+        if sharded is None:  # one-process checkpoint -> FSDP
+            steps, tensors = named_from_indexed(state["optimizer"], self._optimizer_names())
+        else:
+            steps = state["optimizer_steps"]
+            tensors = {k.removeprefix("optim."): v for k, v in sharded.items() if k.startswith("optim.")}
+        if isinstance(self.optimizer, ShardedMaskedAdamW):
+            self.optimizer.load_named_state(steps, tensors)
+        elif self.mode == "fsdp":
+            load_adamw_named_state(self.optimizer, self.model, steps, tensors)
+        else:  # FSDP checkpoint -> one process / DDP
+            load_named_into(self.optimizer, self._optimizer_names(), steps, tensors)
 
     def _finish(self) -> None:
         if not hasattr(self, "last_val"):  # resumed a run that had already reached its last step
-            logged = self.run.val_loss_by_step().get(self.step)
+            logged = self.ctx.broadcast(self.run.val_loss_by_step().get(self.step) if self.ctx.is_main else None)
             self.last_val = logged if logged is not None else self._evaluate()
-        model = self.masked.detach() if self.masked is not None else self.model
+        if self.mode == "ddp":  # replicas must be bit-identical: the same reduced updates from the same init
+            self.ctx.agree("final weights", weights_digest(self.model))
+        if self.mode == "fsdp":
+            weights = self._whole_state_dict()
+            self.ctx.main_first(lambda: self._write_final(self._plain_model(weights)))
+        else:
+            model = self.masked.detach() if self.masked is not None else self.model
+            self.ctx.main_first(lambda: self._write_final(model))
+        self.log.echo(f"[pmp] finished: held-out perplexity {math.exp(self.last_val):.2f}; final private model in "
+                      f"{self.run.final}")
+
+    def _plain_model(self, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+        model = build_model(self.hf_cfg, 0)
+        model.load_state_dict(weights)
+        return model
+
+    def _write_final(self, model: torch.nn.Module) -> None:
         with atomic_dir(self.run.final, overwrite=True) as tmp:
             model.save_pretrained(str(tmp))
             self.tokenizer.save_pretrained(str(tmp))
-        self.run.write_status(status="finished", step=self.step, phase=self.phase,
-                              final_val_loss=self.last_val, final_val_ppl=math.exp(self.last_val))
-        self.log.echo(f"[pmp] finished: held-out perplexity {math.exp(self.last_val):.2f}; final private model in "
-                      f"{self.run.final}")
+        self.run.write_status(status="finished", step=self.step, phase=self.phase, final_val_loss=self.last_val,
+                              final_val_ppl=math.exp(self.last_val), **self._ranks_status())
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over the names and bytes of a model's state_dict (replicas compare it)."""
+    h = hashlib.sha256()
+    for name, v in sorted(model.state_dict().items()):
+        h.update(name.encode() + b"\0" + v.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _micro_batch_seed(data_seed: int, step: int, offset: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"pmp-dropout|{data_seed}|{step}|{offset}".encode()).digest()[:8], "little")
+
+
+def _latest(root: Path) -> str | None:
+    ckpts = list_step_dirs(root)
+    return str(ckpts[-1]) if ckpts else None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
