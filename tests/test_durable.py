@@ -10,11 +10,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from corpus_fixture import generate_text, write_corpus
+from corpus_fixture import generate_text
+from tiny_runs import tiny_pmp_and_dense
 from torch.func import functional_call
 
 from pmp.cli import main
-from pmp.config import load_config
 from pmp.eval import metrics as M
 from pmp.eval import sweep as sweep_module
 from pmp.eval.adaptive import heal, heal_blocks, reinit_complement, transfer_base
@@ -32,7 +32,6 @@ from pmp.eval.search import best_trial
 from pmp.eval.sweep import Sweep
 from pmp.eval.task_data import prepare_task
 from pmp.mask import PrivateMask
-from pmp.train.trainer import pretrain
 
 TINY_LM = Budget(steps=4, batch_size=2, max_len=16, max_train=12, max_val=3, max_test=3, eval_every=2)
 TINY_CLS = Budget(steps=4, batch_size=4, max_len=16, max_train=24, max_val=8, max_test=12, eval_every=2)
@@ -51,14 +50,7 @@ def tiny_durable_suite(attacks=("probe", "random_mask_10pct_1e-3_cos", "reinit_c
 def env(tmp_path_factory):
     """A tiny PMP run and a dense run, held-out text, a heal text, and a 'recovered' mask of the PMP release."""
     d = tmp_path_factory.mktemp("durable")
-    files = write_corpus(d, chars_per_file=4000)
-    ov = {"data.corpus": files, "data.cache_dir": str(d / "cache"), "data.seq_len": 32, "data.val_fraction": 0.1,
-          "tokenizer.vocab_size": 320, "model.preset": "tiny", "model.hidden_size": 32, "model.intermediate_size": 64,
-          "train.steps": 12, "train.batch_size": 4, "train.warmup_steps": 2, "train.eval_every": 0,
-          "train.eval_batches": 1, "train.log_every": 5, "train.ckpt_every": 0, "train.progress": False,
-          "train.threads": 1, "pmp.min_warmup_steps": 4, "pmp.max_warmup_steps": 4, "pmp.density": 0.5}
-    runs = {m: pretrain(load_config(None, [f"{k}={v}" for k, v in {**ov, "train.method": m}.items()]), d / m).root
-            for m in ("pmp", "dense")}
+    runs = tiny_pmp_and_dense(d)
     lm = d / "heldout.txt"
     lm.write_text(generate_text(6000, seed=77))
     heal = d / "generic.txt"

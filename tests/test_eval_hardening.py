@@ -11,11 +11,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from corpus_fixture import generate_text, write_corpus
+from corpus_fixture import generate_text
 from test_eval_report import cell, classification_cells, write
+from tiny_runs import tiny_pmp_and_dense
 from transformers import AutoConfig
 
-from pmp.config import ExportConfig, load_config
+from pmp.config import ExportConfig
 from pmp.dir_lock import LOCK_FILE, DirectoryLocked, exclusive
 from pmp.eval import metrics as M
 from pmp.eval.attack import run_attack
@@ -30,7 +31,6 @@ from pmp.mask import PrivateMask
 from pmp.model import build_model
 from pmp.paths import overlaps, refuse_output_over
 from pmp.release import export_release
-from pmp.train.trainer import pretrain
 from pmp.verify_release import verify_release
 
 TINY_LM = {"steps": 2, "batch_size": 2, "max_len": 16, "max_train": 8, "max_val": 2, "max_test": 2, "eval_every": 2}
@@ -41,14 +41,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 def env(tmp_path_factory):
     """A tiny PMP run and a dense run, the PMP run's fp32 and bf16 releases, held-out text, tiny suite files."""
     d = tmp_path_factory.mktemp("hardening")
-    files = write_corpus(d, chars_per_file=4000)
-    ov = {"data.corpus": files, "data.cache_dir": str(d / "cache"), "data.seq_len": 32, "data.val_fraction": 0.1,
-          "tokenizer.vocab_size": 320, "model.preset": "tiny", "model.hidden_size": 32, "model.intermediate_size": 64,
-          "train.steps": 12, "train.batch_size": 4, "train.warmup_steps": 2, "train.eval_every": 0,
-          "train.eval_batches": 1, "train.log_every": 5, "train.ckpt_every": 0, "train.progress": False,
-          "train.threads": 1, "pmp.min_warmup_steps": 4, "pmp.max_warmup_steps": 4, "pmp.density": 0.5}
-    runs = {m: pretrain(load_config(None, [f"{k}={v}" for k, v in {**ov, "train.method": m}.items()]), d / m).root
-            for m in ("pmp", "dense")}
+    runs = tiny_pmp_and_dense(d)
     rel = export_release(ExportConfig(run=str(runs["pmp"]), out=str(d / "release")))
     rel16 = export_release(ExportConfig(run=str(runs["pmp"]), out=str(d / "release_bf16"), dtype="bf16"))
     lm = d / "heldout.txt"
