@@ -24,8 +24,8 @@ from pmp.config import DataConfig
 from pmp.data.cache import is_prepared
 from pmp.data.corpus import load_documents
 from pmp.data.files import chunk_text
+from pmp.data.text_blocks import text_blocks
 from pmp.eval.attacks import Attack
-from pmp.eval.task_data import token_blocks
 
 HEAL_CORPUS_CHARS = 4_000_000  # of the public corpus, interleaved over its books: > 1 M tokens, more than any heal
 
@@ -73,7 +73,7 @@ class HealText:
 def heal_blocks(texts: list[str], tokenizer, seq_len: int, n_blocks: int, seed: int) -> torch.Tensor:
     """Up to n_blocks [N, T] token blocks of the texts, taken in a seeded order of the texts."""
     order = np.random.default_rng([seed, 23]).permutation(len(texts))
-    blocks = token_blocks(tokenizer, [texts[i] for i in order], seq_len, n_blocks, tokenizer.eos_token_id)
+    blocks = text_blocks(tokenizer, [texts[i] for i in order], seq_len, n_blocks, tokenizer.eos_token_id)
     if len(blocks) == 0:
         raise ValueError(f"the heal text is shorter than one block of {seq_len} tokens")
     return blocks

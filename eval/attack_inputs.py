@@ -18,13 +18,13 @@ from pmp.data.tasks import (
     default_classification_tasks,
     default_lm_probe,
     list_tasks,
+    lm_task_from_text,
     load_task,
     load_task_file,
 )
 from pmp.eval.models import check_release, load_tokenizer
 from pmp.eval.recovered_mask import recovered_mask_sparse_attack_inputs
 from pmp.eval.release_weights import StoredTensors
-from pmp.eval.task_data import lm_task_from_text
 from pmp.mask import PrivateMask
 from pmp.run_dir import RunDir, check_complement, open_private_run
 

@@ -1,7 +1,8 @@
 """`pmp audit`: run the mask-recovery attacks on a release and score them against the TRUE private mask.
 
 The attacks use public information only: the weights against the public init distribution (`recovery_weight_stats`),
-the attacker's own shadow run (`recovery_shadow`), gradients on attacker text (`recovery_gradients`) and seed
+the attacker's own shadow run (`recovery_shadow`), gradients on attacker text (`recovery_gradients`), the Hessian
+diagonal on that text (`recovery_curvature`), activation statistics on it (`recovery_activations`) and seed
 guessing (`recovery_seeds`). The ground truth (`audit_truth`) only scores them (`audit_metrics`); the best attack
 becomes a recovered mask (`recovered_mask`), and a proposed fix can be simulated (`audit_what_if`).
 
@@ -30,6 +31,8 @@ from pmp.eval.audit_what_if import norm_jitter_what_if
 from pmp.eval.config import AuditConfig
 from pmp.eval.init_knowledge import init_distribution, summary_by_kind
 from pmp.eval.recovered_mask import recovered_mask
+from pmp.eval.recovery_activations import activation_scores
+from pmp.eval.recovery_curvature import curvature_scores
 from pmp.eval.recovery_gradients import gradient_scores, text_batches
 from pmp.eval.recovery_seeds import seed_guess
 from pmp.eval.recovery_shadow import load_shadow, shadow_scores
@@ -64,7 +67,10 @@ def run_audit(cfg: AuditConfig, log=print) -> dict:
         attacks, fits = _weight_attacks(release, dist)
         shadow_info = _shadow_attacks(cfg.shadow, inputs.shadow, release, attacks, fits)
         grad_info = _gradient_attacks(cfg, inputs, attacks, deadline)
-        log(f"[audit] weight and gradient attacks done ({time.perf_counter() - t_start:.0f}s); seed guessing")
+        curv_info = _curvature_attacks(cfg, inputs, attacks, deadline)
+        act_info = _activation_attacks(cfg, inputs, attacks)
+        log(f"[audit] weight, gradient, curvature and activation attacks done ({time.perf_counter() - t_start:.0f}s); "
+            "seed guessing")
         seed_info = _seed_guessing(cfg, release, attacks, deadline)
         log(f"[audit] seed guessing: {seed_info['tried']} seeds in {seed_info['seconds']:.1f}s, matched "
             f"{seed_info['matched_seed']}")
@@ -79,6 +85,7 @@ def run_audit(cfg: AuditConfig, log=print) -> dict:
                 "mask_nnz": mask.nnz, "mask_total": mask.total, "mask_scope": mask.meta.get("scope"),
                 "entries_scored": sample.size, "subsampled": sample.size < sample.total,
                 "max_seconds": cfg.max_seconds, "init_distribution": summary_by_kind(dist), "gradient": grad_info,
+                "curvature": curv_info, "activations": act_info,
                 "seed_guess": seed_info, "shadow": shadow_info, "attacks": results, "not_applicable": not_applicable,
                 "best_attack": best, "best_global": results[best]["metrics"]["global"], "recovered_mask": recovered,
                 "what_if": what_if, "wall_seconds": time.perf_counter() - t_start,
@@ -97,7 +104,7 @@ class _Inputs:
     mask: PrivateMask  # the truth, checked against the release
     sample: Sample  # the entries scored
     shadow: PrivateMask | None  # the attacker's shadow run's mask (--shadow), checked against the release
-    texts: list[str]  # the attacker's text for the gradient attacks
+    texts: list[str]  # the attacker's text for the gradient, curvature and activation attacks
     text_info: str
 
 
@@ -153,6 +160,41 @@ def _gradient_attacks(cfg: AuditConfig, inputs: _Inputs, attacks: Attacks, deadl
         info.update(more)
         for k, s in scores.items():
             attacks[k] = (s, {"family": "gradient", "seconds": time.perf_counter() - t0})
+    return info
+
+
+def _curvature_attacks(cfg: AuditConfig, inputs: _Inputs, attacks: Attacks, deadline: float) -> dict:
+    """The Hutchinson curvature attacks on the attacker's text, within 30 % of the time left (at least one probe)."""
+    info: dict = {"skipped": None, "text": inputs.text_info}
+    if not inputs.texts:
+        info["skipped"] = "no attacker text"
+    elif cfg.curvature_batches > 0:
+        batches = text_batches(inputs.release, inputs.texts, cfg.curvature_batches)
+        t0 = time.perf_counter()
+        scores, more = curvature_scores(inputs.release, batches, cfg.curvature_probes, cfg.curvature_fd_eps,
+                                        max_seconds=max(1.0, 0.3 * (deadline - t0)))
+        info.update(more)
+        for k, s in scores.items():
+            attacks[k] = (s, {"family": "curvature", "seconds": time.perf_counter() - t0})
+    else:
+        info["skipped"] = "curvature_batches = 0"
+    return info
+
+
+def _activation_attacks(cfg: AuditConfig, inputs: _Inputs, attacks: Attacks) -> dict:
+    """The activation-statistics attacks on the attacker's text (forward passes only)."""
+    info: dict = {"skipped": None, "text": inputs.text_info}
+    if not inputs.texts:
+        info["skipped"] = "no attacker text"
+    elif cfg.activation_batches > 0:
+        batches = text_batches(inputs.release, inputs.texts, cfg.activation_batches)
+        t0 = time.perf_counter()
+        scores, more = activation_scores(inputs.release, batches)
+        info.update(more, seconds=time.perf_counter() - t0)
+        for k, s in scores.items():
+            attacks[k] = (s, {"family": "activations", "seconds": time.perf_counter() - t0})
+    else:
+        info["skipped"] = "activation_batches = 0"
     return info
 
 

@@ -38,7 +38,7 @@ def _f(x, nd: int = 3) -> str:
 def to_markdown(r: dict) -> str:
     """audit.md: the report `r` (the content of audit.json) as Markdown, one section after another."""
     sections = (_summary, _global_table, _kind_table, _seed_guessing, _shadow_run, _gradient_attacks,
-                _init_distribution, _recovered_mask, _what_if)
+                _curvature_attacks, _activation_attacks, _init_distribution, _recovered_mask, _what_if)
     return "\n".join(line for section in sections for line in section(r)) + "\n"
 
 
@@ -129,6 +129,29 @@ def _gradient_attacks(r: dict) -> list[str]:
             f"- text: {gi.get('text')}; " + (f"skipped: {gi['skipped']}" if gi.get("skipped") else
                                              f"{gi.get('batches')} batches, {gi.get('tokens'):,} tokens, "
                                              f"{gi.get('seconds', 0):.1f}s")]
+
+
+def _curvature_attacks(r: dict) -> list[str]:
+    ci = r.get("curvature")  # absent from reports written before the curvature attacks existed
+    if not ci:
+        return []
+    if ci.get("skipped"):
+        return ["", "## Curvature attacks (Hutchinson Hessian diagonal)", "", f"- skipped: {ci['skipped']}"]
+    fd = f", finite differences at eps {ci['fd_eps']:g}" if ci.get("fd_eps") else ""
+    return ["", "## Curvature attacks (Hutchinson Hessian diagonal)", "",
+            f"- text: {ci.get('text')}; {ci['batches']} batches, {ci['tokens']:,} tokens, {ci['probes']} Rademacher "
+            f"probes in all ({ci['probes_per_batch']} a batch asked){fd}, {ci['seconds']:.1f}s; a Hutchinson "
+            "entry's noise is sqrt(sum_j!=i H_ij^2 / probes), so few probes read only diagonal-dominant entries"]
+
+
+def _activation_attacks(r: dict) -> list[str]:
+    ai = r.get("activations")
+    if not ai:
+        return []
+    return ["", "## Activation-statistics attacks", "",
+            f"- text: {ai.get('text')}; " + (f"skipped: {ai['skipped']}" if ai.get("skipped") else
+                                             f"{ai['batches']} batches, {ai['tokens']:,} tokens, {ai['layers']} "
+                                             f"layers hooked, {ai['seconds']:.1f}s")]
 
 
 def _init_distribution(r: dict) -> list[str]:

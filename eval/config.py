@@ -7,6 +7,7 @@ pipeline's `attack:` and `audit:` sections are the settings alone (it supplies t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from pmp.typed_config import check, doc
@@ -70,13 +71,22 @@ class AttackConfig(AttackSettings):
 
 @dataclass
 class AuditSettings:
-    text: str = doc("attacker text file for the gradient attacks ('' = task or the LM probe)", "")
-    task: str = doc("a task whose train texts feed the gradient attacks ('' = the LM probe, if the data cache is "
-                    "prepared)", "")
+    text: str = doc("attacker text file for the gradient, curvature and activation attacks ('' = task or the LM "
+                    "probe)", "")
+    task: str = doc("a task whose train texts feed the gradient, curvature and activation attacks ('' = the LM probe, "
+                    "if the data cache is prepared)", "")
     cache_dir: str = doc("data cache directory ('' = $PMP_CACHE or ~/.cache/pmp)", "")
     max_seconds: float = doc("time budget of the audit (s); seed guessing gets what is left", 600.0)
     max_seed: int = doc("seed guessing tries seeds 0..N (+ public and common seeds)", 1000)
     grad_batches: int = doc("batches (8 x 128 tokens) for the gradient attacks", 8)
+    curvature_batches: int = doc("batches (8 x 128 tokens) for the Hutchinson Hessian-diagonal attacks (0 = off; "
+                                 "small: about 50 s a batch at 4 probes on 2 shared CPU cores)", 2)
+    curvature_probes: int = doc("Rademacher probe vectors per curvature batch (each one Hessian-vector product "
+                                "by double backprop; the estimate's noise falls as 1/sqrt(batches x probes))", 4)
+    curvature_fd_eps: float = doc("also the finite-difference curvature attack, H z from gradients at w +- EPS z "
+                                  "(two more backward passes a probe); 0 = off", 0.0)
+    activation_batches: int = doc("batches (8 x 128 tokens) for the activation-statistics attacks (forward passes "
+                                  "only; 0 = off)", 8)
     shadow: str = doc("the attacker's own PMP run (same architecture and tokenizer, public data): enables the "
                       "shadow-run attacks ('' = none)", "")
     simulate_norm_jitter: float = doc("also audit a what-if copy whose norm weights start at 1 + N(0, SIGMA^2) "
@@ -87,6 +97,14 @@ class AuditSettings:
         check(self.max_seconds > 0, "max_seconds must be > 0, got {}", self.max_seconds)
         check(self.max_seed >= 0, "max_seed must be >= 0, got {}", self.max_seed)
         check(self.grad_batches >= 0, "grad_batches must be >= 0, got {}", self.grad_batches)
+        check(self.curvature_batches >= 0, "curvature_batches must be >= 0 (0 = no curvature attacks), got {}",
+              self.curvature_batches)
+        check(self.curvature_probes >= 1, "curvature_probes must be >= 1 (Hutchinson averages z * Hz over the probe "
+              "vectors; to turn the curvature attacks off set curvature_batches=0), got {}", self.curvature_probes)
+        check(self.curvature_fd_eps >= 0 and math.isfinite(self.curvature_fd_eps), "curvature_fd_eps must be a "
+              "finite step >= 0 (e.g. 1e-3; 0 = no finite-difference attack), got {}", self.curvature_fd_eps)
+        check(self.activation_batches >= 0, "activation_batches must be >= 0 (0 = no activation attacks), got {}",
+              self.activation_batches)
         check(self.simulate_norm_jitter >= 0, "simulate_norm_jitter must be >= 0, got {}", self.simulate_norm_jitter)
         return self
 
@@ -111,6 +129,9 @@ class ReportConfig:
     baseline: str = doc("override the baseline model's name ('' = from the results)", "")
     protected: list[str] = doc("override which models are protected (PMP); empty = from the results",
                                default_factory=list)
+    protections: dict[str, str] = doc("NAME=RUN2: a model's restricted-domain protection run (`pmp protect sophon|"
+                                      "mlac --out RUN2`): adds the restricted-domain view and marks it protected",
+                                      default_factory=dict)
 
     def validate(self) -> ReportConfig:
         check(bool(self.results), "report needs the results directory (pmp report RESULTS)")

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pmp.eval.task_batches import pad_batch
+from pmp.data.text_blocks import pad_batch
 from pmp.eval.task_data import PreparedTask
 
 EVAL_BATCH = 64

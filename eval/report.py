@@ -21,6 +21,7 @@ from pmp.eval.report_format import mean_std as _ms
 from pmp.eval.report_format import row as _row
 from pmp.eval.report_format import table_head as _table_head
 from pmp.eval.report_plots import write_plots
+from pmp.eval.report_restricted import load_protections, restricted_sections
 
 ROLE_ORDER = ("protected", "baseline", "matched", "other", "scratch")  # column order of the models
 
@@ -77,7 +78,7 @@ def report_data(cfg: ReportConfig) -> ReportData:
     all_cells = M.load_cells(cfg.results)
     cells = M.classic_cells(all_cells)  # the durable exploration stages have their own sections
     agg = M.aggregate(cells)
-    role_of = M.roles(agg, cfg.baseline, cfg.protected)
+    role_of = M.roles(agg, cfg.baseline, [*cfg.protected, *(m for m in cfg.protections if m not in cfg.protected)])
     models = sorted(role_of, key=lambda m: ROLE_ORDER.index(role_of[m]))
     tasks = list(dict.fromkeys(c["task"] for c in cells))
     attacks = list(dict.fromkeys(c["attack"] for c in sorted(cells, key=lambda c: c.get("attack_kind") != "probe")))
@@ -101,9 +102,10 @@ def write_report(cfg: ReportConfig) -> Path:
     """`pmp report`: the Markdown report and its plots of the results in `cfg.results` -> path of report.md."""
     cfg.validate()
     d = report_data(cfg)
+    protections = load_protections(cfg.protections, d.models)
     out = Path(cfg.out) if cfg.out else Path(cfg.results) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    lines = _header(d) + [VOCABULARY, ""] + _main_table(d) + _headline(d)
+    lines = _header(d) + [VOCABULARY, ""] + _main_table(d) + _headline(d) + restricted_sections(d, protections)
     for t in d.tasks:
         lines += _task_section(d, t)
     lines += ["![gains](gains.png)", ""]

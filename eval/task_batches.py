@@ -8,18 +8,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pmp.data.text_blocks import pad_batch
 from pmp.eval.task_data import PreparedTask
-
-
-def pad_batch(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids_BT and attention mask_BT."""
-    t = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), t), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), t), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
-    return ids, mask
 
 
 class TrainBatches:

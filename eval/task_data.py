@@ -12,31 +12,13 @@ Shapes: N examples (blocks), T tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import datasets
 import numpy as np
-import torch
 
-from pmp.data.files import chunk_text
-from pmp.data.hash_split import fixed_split
-from pmp.data.tasks import LM_CHUNK_CHARS, TaskData
+from pmp.data.text_blocks import text_blocks
 
 DIRECTION = {"classification": "higher", "lm": "lower"}  # is a larger metric better?
 METRIC = {"classification": "accuracy", "lm": "perplexity"}
-
-
-def lm_task_from_text(path: str | Path, test_fraction: float = 0.2) -> TaskData:
-    """A user's held-out text file as an LM-probe task (chunks of ~2k chars, fixed text-hash split)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"LM probe text {p} does not exist")
-    chunks = chunk_text(p.read_text("utf-8", errors="replace"), LM_CHUNK_CHARS)
-    if len(chunks) < 2:
-        raise ValueError(f"LM probe text {p} is too short: need at least 2 chunks of ~{LM_CHUNK_CHARS} chars")
-    tr, te = fixed_split(chunks, test_fraction)
-    mk = lambda idx: datasets.Dataset.from_dict({"text": [chunks[i] for i in idx]})  # noqa: E731
-    return TaskData(p.stem, "lm", mk(tr), mk(te), 0, [])
 
 
 @dataclass
@@ -92,28 +74,15 @@ def prepare_task(task, tokenizer, budget, seed: int) -> PreparedTask:
     return PreparedTask(task.name, "classification", task.num_labels, pad, tr, va, te, sizes)
 
 
-def token_blocks(tokenizer, texts: list[str], seq_len: int, need: int, pad: int) -> torch.Tensor:
-    """Encode texts in order, eos after each, until `need` full blocks exist -> [<=need, T] int64."""
-    out: list[int] = []
-    for i in range(0, len(texts), 32):
-        for ids in tokenizer(texts[i:i + 32], add_special_tokens=False)["input_ids"]:
-            out.extend(ids)
-            out.append(pad)
-        if len(out) >= need * seq_len:
-            break
-    n = min(len(out) // seq_len, need)
-    return torch.tensor(out[:n * seq_len], dtype=torch.long).view(n, seq_len)
-
-
 def _prepare_lm(task, tokenizer, budget, rng, pad) -> PreparedTask:
     texts = [str(t) for t in task.train["text"]]
     order = rng.permutation(len(texts))
     n_val_docs = max(1, len(texts) // 10)
     val_texts = [texts[i] for i in order[:n_val_docs]]  # whole documents: no text spans val and train
     train_texts = [texts[i] for i in order[n_val_docs:]]
-    val = token_blocks(tokenizer, val_texts, budget.max_len, budget.max_val, pad)
-    train = token_blocks(tokenizer, train_texts, budget.max_len, budget.max_train, pad)
-    test = token_blocks(tokenizer, [str(t) for t in task.test["text"]], budget.max_len, budget.max_test, pad)
+    val = text_blocks(tokenizer, val_texts, budget.max_len, budget.max_val, pad)
+    train = text_blocks(tokenizer, train_texts, budget.max_len, budget.max_train, pad)
+    test = text_blocks(tokenizer, [str(t) for t in task.test["text"]], budget.max_len, budget.max_test, pad)
     for split, b in (("train", train), ("val", val), ("test", test)):
         if len(b) == 0:
             raise ValueError(f"LM task {task.name}: its {split} text is shorter than one block of {budget.max_len} "

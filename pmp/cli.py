@@ -9,6 +9,7 @@
   pmp report RES [--out DIR]                  Markdown + PNG report of the attack results
   pmp audit RELEASE --private RUN [--out DIR]  mask secrecy audit: can the mask be read off the release?
   pmp protect rescale --base RUN --out RUN2   a protected run (secret function-preserving rescaling)
+  pmp protect sophon|mlac --base RUN [--restricted TASK] --out RUN2   restricted-domain protection (resumable)
 
 Every verb takes a typed config (pmp.config, pmp.eval.config, pmp.pipeline): a YAML recipe (`CONFIG` for
 pretrain / pipeline, `--config FILE` for the others), `--set key=value` overrides, and one flag per field, generated
@@ -31,7 +32,7 @@ import datasets
 import transformers
 from safetensors import SafetensorError
 
-from pmp.config import ExportConfig, ProtectConfig, RunConfig
+from pmp.config import TRAINED_METHODS, ExportConfig, ProtectConfig, RunConfig
 from pmp.data.prepare import prepare
 from pmp.eval.attack import run_attack
 from pmp.eval.audit import run_audit
@@ -42,6 +43,7 @@ from pmp.protect import protect
 from pmp.release import export_release, verify_commitment
 from pmp.run_dir import RunDir
 from pmp.step_dir import CheckpointError
+from pmp.train.protect_run import protect_by_training
 from pmp.train.trainer import pretrain
 from pmp.typed_config import doc, field_docs, load_typed
 from pmp.verify_release import verify_release
@@ -126,7 +128,7 @@ def cmd_report(cfg: ReportConfig, args) -> int:
 
 
 def cmd_protect(cfg: ProtectConfig, args) -> int:
-    out = protect(cfg)
+    out = protect_by_training(cfg) if cfg.method in TRAINED_METHODS else protect(cfg)
     print(f"[protect] next: pmp export {out} --out RELEASE")
     return 0
 
@@ -160,8 +162,9 @@ VERBS = [
                   "--no-audit": "pipeline.audit", "--matched-baseline": "pipeline.matched_baseline"}),
     Verb("export", "write the public release (stock HF model directory) of a finished run", ExportConfig, cmd_export,
          positional=("run",)),
-    Verb("protect", "turn a finished run into a protected run (method rescale: a function-preserving secret "
-         "rescaling); `pmp export` releases it", ProtectConfig, cmd_protect, positional=("method",)),
+    Verb("protect", "turn a finished run into a protected run (rescale: a function-preserving secret rescaling; "
+         "sophon, sophon_nlp, mlac: restricted-domain protection by training; resumable); `pmp export` releases it",
+         ProtectConfig, cmd_protect, positional=("method",), aliases={"--steps": "train.steps"}),
     Verb("verify-release", "audit a release: stock files, stock loading, no mask-derived content; exit 1 on any "
          "failure", VerifyConfig, cmd_verify_release, positional=("release",)),
     Verb("prove-ownership", "check that a release's card commitment opens with RUN's mask", OwnershipConfig,
@@ -247,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
                            if verb.config is RunConfig else "experiment directory (runs/ inside are private)")
         if verb.config is RunConfig:
             p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-        _add_field_flags(p, verb) if verb.config not in (RunConfig, PipelineConfig) else _add_aliases(p, verb)
+        if verb.config not in (RunConfig, PipelineConfig):
+            _add_field_flags(p, verb)
+        _add_aliases(p, verb)
     return parser
 
 

@@ -7,6 +7,7 @@ overrides and error messages come from `pmp.typed_config`.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,13 @@ class PMPConfig:
     min_warmup_steps: int = doc("never stop identification before this many dense steps", 20)
     max_warmup_steps: int = doc("stop identification here even if the mask is not stable", 500)
     rewind: bool = doc("reset all weights to their initial values after identification", True)
+    complement: str = doc(
+        "the entries outside the mask in masked training: frozen (bit-exactly at their initial values) | project "
+        "(the authors' code: at the rewind the whole model's complement is scaled to L2 norm complement_radius, "
+        "nearly zero, then frozen there; see pmp/complement.py)", "frozen")
+    complement_radius: float = doc(
+        "project: L2 radius R of the complement of all masked tensors together (0 = auto: 2 x sqrt(complement "
+        "entries / 550,024,192), the authors' R = 2 scaled to this model's size; 0.164 at small, rho 0.5)", 0.0)
 
 
 @dataclass
@@ -172,6 +180,12 @@ class RunConfig:
                "pmp.min_warmup_steps must be in [0, max_warmup_steps={}], got {}", p.max_warmup_steps,
                p.min_warmup_steps)
         _check(p.max_warmup_steps >= 1, "pmp.max_warmup_steps must be >= 1, got {}", p.max_warmup_steps)
+        _check(p.complement in COMPLEMENT_MODES, "pmp.complement must be one of {}, got {!r}", list(COMPLEMENT_MODES),
+               p.complement)
+        _check(math.isfinite(p.complement_radius) and p.complement_radius >= 0,
+               "pmp.complement_radius must be a finite L2 radius >= 0 (0 = auto), got {}", p.complement_radius)
+        _check(p.complement == "frozen" or p.rewind,
+               "pmp.complement=project needs pmp.rewind=true (the projected complement is the scaled init)")
         if t.method == "pmp":
             _check(p.max_warmup_steps < t.steps,
                    "pmp.max_warmup_steps ({}) must be < train.steps ({}) so masked training gets steps",
@@ -180,6 +194,7 @@ class RunConfig:
 
 
 SCORERS = ("grad", "weight", "weight_grad", "random")
+COMPLEMENT_MODES = ("frozen", "project")  # pmp/complement.py
 PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
 
 
@@ -218,20 +233,98 @@ class ExportConfig:
         return self
 
 
-PROTECT_METHODS = ("rescale",)
-PLANNED_METHODS = ("sophon", "sophon_nlp", "mlac", "sdd", "sdd_reject")
+PROTECT_METHODS = ("rescale", "sophon", "sophon_nlp", "mlac")
+TRAINED_METHODS = ("sophon", "sophon_nlp", "mlac")  # methods that train the base on restricted + retain data
+PLANNED_METHODS = ("sdd", "sdd_reject")
+SUPPRESSION_LOSSES = ("ice", "klu")
+INNER_OPTIMIZERS = ("sgd", "adam")
+MLAC_ADVERSARIES = ("head", "full")
+
+
+@dataclass
+class ProtectTrainConfig:
+    """How SOPHON / MLAC train (the `train:` section of `pmp protect`; set with --set train.KEY=VALUE)."""
+
+    steps: int = doc("outer iterations (one suppression update + ntr_steps retain updates each)", 200)
+    batch_size: int = doc("sequences per batch, restricted and retain alike", 8)
+    seq_len: int = doc("tokens per LM block (restricted LM task and retain corpus); classification texts are "
+                       "truncated to this many tokens", 128)
+    lr: float = doc("base learning rate; the suppression optimizer runs at alpha x lr, the retain one at beta x lr "
+                    "(both Adam, as in SOPHON's code)", 1e-4)
+    alpha: float = doc("suppression learning-rate multiplier (SOPHON's alpha)", 3.0)
+    beta: float = doc("retain (normal-training reinforcement) learning-rate multiplier (SOPHON's beta)", 5.0)
+    loss: str = doc("suppression loss on the simulated fine-tuned model: ice (inverse cross-entropy, "
+                    "-log(1 - p_true)) or klu (KL from uniform); both have gradients that shrink as the error grows",
+                    "ice")
+    inner_steps: int = doc("simulated attacker fine-tuning steps per outer iteration (SOPHON's code: 50)", 5)
+    inner_lr_min: float = doc("the simulated attacker's learning rate is drawn log-uniform in [inner_lr_min, "
+                              "inner_lr_max] each outer iteration", 1e-5)
+    inner_lr_max: float = doc("upper end of the simulated attacker's learning rate", 1e-3)
+    inner_optimizers: list[str] = doc("the simulated attacker's optimizer is drawn from these each outer "
+                                      f"iteration ({', '.join(INNER_OPTIMIZERS)})",
+                                      default_factory=lambda: ["sgd", "adam"])
+    sgd_lr_factor: float = doc("a simulated SGD attacker's learning rate is the drawn one x this (SGD needs larger "
+                               "rates than Adam: the suite's SGD attacks use 1e-2..1e-1)", 100.0)
+    ntr_steps: int = doc("retain-data (normal training reinforcement) steps per outer iteration", 1)
+    grad_clip: float = doc("clip the outer gradients to this norm (SOPHON's code: 0.5; 0 = off)", 0.5)
+    retain_tolerance: float = doc("roll back to the last accepted state when the retain perplexity exceeds the "
+                                  "base's by more than this fraction (0.1 = +10 %)", 0.10)
+    check_every: int = doc("check the retain perplexity (and accept or roll back) every this many outer steps", 10)
+    ckpt_every: int = doc("write a resumable checkpoint at every accepted check whose step is a multiple of this "
+                          "(a multiple of check_every; 0 = only at the end)", 20)
+    eval_batches: int = doc("batches of held-out retain text per perplexity check", 8)
+    mlac_adversary: str = doc("MLAC's simulated adversary: head (a fresh head for classification, the LM head for "
+                              "a language-modelling domain; differentiated through: second order) or full (every "
+                              "parameter, first order)", "head")
+    mlac_weight: float = doc("MLAC: weight of the adapted adversary's suppression loss against the retain loss", 1.0)
+    seed: int = doc("seed of the data order, the simulated attackers and fresh heads", 0)
+    log_every: int = doc("print progress every this many outer steps (0 = never)", 10)
+    threads: int = doc("torch CPU threads (0 = torch's default)", 0)
+
+    def validate(self) -> None:
+        for key in ("steps", "batch_size", "seq_len", "inner_steps", "check_every", "eval_batches"):
+            _check(getattr(self, key) >= 1, "train.{} must be >= 1, got {}", key, getattr(self, key))
+        for key in ("lr", "alpha", "beta", "inner_lr_min", "inner_lr_max", "sgd_lr_factor", "mlac_weight"):
+            _check(getattr(self, key) > 0, "train.{} must be > 0, got {}", key, getattr(self, key))
+        _check(self.inner_lr_min <= self.inner_lr_max, "train.inner_lr_min ({}) must be <= train.inner_lr_max ({})",
+               self.inner_lr_min, self.inner_lr_max)
+        _check(self.loss in SUPPRESSION_LOSSES, "train.loss must be one of {}, got {!r}", list(SUPPRESSION_LOSSES),
+               self.loss)
+        _check(bool(self.inner_optimizers) and all(o in INNER_OPTIMIZERS for o in self.inner_optimizers),
+               "train.inner_optimizers must be a non-empty list drawn from {}, got {!r}", list(INNER_OPTIMIZERS),
+               self.inner_optimizers)
+        _check(self.mlac_adversary in MLAC_ADVERSARIES, "train.mlac_adversary must be one of {}, got {!r}",
+               list(MLAC_ADVERSARIES), self.mlac_adversary)
+        for key in ("ntr_steps", "ckpt_every", "log_every", "threads"):
+            _check(getattr(self, key) >= 0, "train.{} must be >= 0, got {}", key, getattr(self, key))
+        _check(self.grad_clip >= 0, "train.grad_clip must be >= 0 (0 = off), got {}", self.grad_clip)
+        _check(self.retain_tolerance > 0, "train.retain_tolerance must be > 0, got {}", self.retain_tolerance)
+        _check(self.ckpt_every % self.check_every == 0, "train.ckpt_every ({}) must be a multiple of "
+               "train.check_every ({}): checkpoints are written at accepted checks", self.ckpt_every,
+               self.check_every)
 
 
 @dataclass
 class ProtectConfig:
     method: str = doc("protection to apply to a finished run: rescale (a function-preserving secret rescaling; "
-                      "the suite's positive control)", "rescale")
-    base: str = doc("the finished private run to protect (the --out of `pmp pretrain`, method dense)", "")
+                      "the suite's positive control), sophon (fine-tuning suppression + retain reinforcement; "
+                      "sophon_nlp = sophon on a classification task with a linear head), mlac (meta-learned "
+                      "adversarial censoring)", "rescale")
+    base: str = doc("the finished private run to protect (the --out of `pmp pretrain`; rescale: method dense)", "")
     out: str = doc("the protected run directory to create (private, like any run: `pmp export` releases it)", "")
+    restricted: str = doc("sophon/mlac: the restricted domain -- a task name (`pmp attack` task names; '' = the "
+                          "held-out LM probe), a .txt file (an LM domain) or a labelled csv/jsonl file "
+                          "(classification). Only its TRAIN split is used; attacks test on its test split", "")
+    retain: str = doc("sophon/mlac: the original-domain (retain) corpus -- '' = the base run's pre-training corpus "
+                      "(a release base: the default corpus), or comma-separated local text files", "")
+    resume: bool = doc("continue an interrupted sophon/mlac run in --out from its last checkpoint", False)
     strength: float = doc("rescale: log c ~ U[-ln C, ln C] per scaled unit, C = this (> 1; e.g. 10, 100, 1000)",
                           100.0)
     bf16_tolerance: float = doc("rescale: refuse a strength whose bf16 copy changes the logits by more than this "
                                 "(max |diff| / max |logit|) or overflows", 0.05)
+    cache_dir: str = doc("data cache (prepared tasks, corpus, token blocks); '' = the base run's, else ~/.cache/pmp",
+                         "")
+    train: ProtectTrainConfig = field(default_factory=ProtectTrainConfig)
 
     def validate(self) -> ProtectConfig:
         _check(self.method not in PLANNED_METHODS, "protect method {!r} is not implemented yet (available: {})",
@@ -242,7 +335,21 @@ class ProtectConfig:
         _check(bool(self.out), "protect needs --out RUN2 (the protected run directory to create)")
         _check(self.strength > 1, "strength must be > 1 (log c ~ U[-ln C, ln C]), got {}", self.strength)
         _check(0 < self.bf16_tolerance < 1, "bf16_tolerance must be in (0, 1), got {}", self.bf16_tolerance)
+        if self.method in TRAINED_METHODS:
+            self.train.validate()
+            same = self.restricted and self.retain and _same_source(self.restricted, self.retain)
+            _check(not same, "--restricted {!r} is also the retain corpus {!r}: the model cannot be protected "
+                   "against the data it must keep; choose a different restricted domain or retain corpus",
+                   self.restricted, self.retain)
         return self
+
+
+def _same_source(restricted: str, retain: str) -> bool:
+    """Does the restricted domain name one of the retain corpus's sources (same file, or the same name)?"""
+    def key(s: str) -> str:
+        p = Path(s.strip()).expanduser()
+        return str(p.resolve()) if p.exists() else s.strip()
+    return key(restricted) in {key(r) for r in retain.split(",") if r.strip()}
 
 
 def config_from_dict(data: dict) -> RunConfig:

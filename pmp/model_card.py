@@ -9,7 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 MAIN_TABLE = "## Main table"
-TAGS = {"pmp": "private-mask-pretraining", "rescale": "secret-rescaling", "dense": "dense-baseline"}
+TAGS = {"pmp": "private-mask-pretraining", "rescale": "secret-rescaling", "dense": "dense-baseline",
+        "sophon": "restricted-domain-protection", "sophon_nlp": "restricted-domain-protection",
+        "mlac": "restricted-domain-protection"}
+RESTRICTED_METHODS = {"sophon": "SOPHON (fine-tuning suppression with normal-training reinforcement)",
+                      "sophon_nlp": "SOPHON-NLP (SOPHON on a text-classification task)",
+                      "mlac": "MLAC (meta-learned adversarial censoring)"}
 
 
 def _corpus_name(corpus: str) -> str:
@@ -42,20 +47,26 @@ def model_card(*, name: str, hf: dict, n_params: int, cfg, status: dict, method:
         "`AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`; no custom code and no "
         "`trust_remote_code` are needed.", "",
         "## Training", "",
-        f"Pre-trained from scratch with pmp (Private Mask Pre-Training), method `{t.method}`, on "
-        f"{_corpus_name(cfg.data.corpus)}"
-        f"{f', first {cfg.data.max_chars:,} characters' if cfg.data.max_chars else ''}: {steps:,} optimizer steps of "
-        f"{t.batch_size} x {t.grad_accum} sequences of {cfg.data.seq_len} tokens, {tokens:,} tokens seen, "
-        f"AdamW (lr {t.lr:g}, weight decay {t.weight_decay:g})."
-        + (f" These are the weights after step {steps:,} of a longer run." if status.get("exported_step") else "")
-        + (f" Held-out perplexity of these weights (a held-out split of the same corpus): {ppl:.2f}."
-           if ppl else ""), "",
     ]
+    if status.get("base_release"):  # protected from a release: its pre-training is not pmp's to describe
+        lines += ["Based on a released causal LM that pmp did not pre-train (its own card describes its training)."
+                  + (f" Held-out perplexity on the retain corpus after protection: {ppl:.2f}." if ppl else ""), ""]
+    else:
+        lines += [
+            f"Pre-trained from scratch with pmp (Private Mask Pre-Training), method `{t.method}`, on "
+            f"{_corpus_name(cfg.data.corpus)}"
+            f"{f', first {cfg.data.max_chars:,} characters' if cfg.data.max_chars else ''}: {steps:,} optimizer steps "
+            f"of {t.batch_size} x {t.grad_accum} sequences of {cfg.data.seq_len} tokens, {tokens:,} tokens seen, "
+            f"AdamW (lr {t.lr:g}, weight decay {t.weight_decay:g})."
+            + (f" These are the weights after step {steps:,} of a longer run." if status.get("exported_step") else "")
+            + (f" Held-out perplexity of these weights (a held-out split of the same corpus): {ppl:.2f}."
+               if ppl else ""), "",
+        ]
     if method == "pmp":
         lines += [
             "## What Private Mask Pre-Training means for you", "",
             "During pre-training only a secret subset of the weight entries (the owner's private mask) was "
-            "trained; every other entry kept its random initial value. The released weights are nonetheless a "
+            f"trained; every other entry {_complement_phrase(cfg)}. The released weights are nonetheless a "
             "normal dense causal LM: inference, generation and fine-tuning work exactly as for any other "
             "model of this architecture.", "",
             "The intent of the method is that fine-tuning this model *without* the owner's mask gains less than "
@@ -78,6 +89,15 @@ def model_card(*, name: str, hf: dict, n_params: int, cfg, status: dict, method:
             "fine-tuning optimizers are not invariant to these scales. It is a deterrent, not a guarantee: "
             "re-balancing the scaled weights undoes it. The scales are not released.",
         ]
+    elif method in RESTRICTED_METHODS:
+        lines += [
+            "## Protection: a restricted domain", "",
+            f"After pre-training, the owner trained this model with {RESTRICTED_METHODS[method]} (pmp `protect "
+            f"{method}`) so that fine-tuning it on one restricted domain, chosen by the owner, should gain less than "
+            "fine-tuning the unprotected model, while its general language modelling is kept within a set "
+            "tolerance. **This is a hypothesis, not a guarantee**: whether it holds depends on the attacker's "
+            "optimizer, learning rate, data and budget.",
+        ]
     else:
         lines += [
             "## Dense baseline", "",
@@ -91,12 +111,19 @@ def model_card(*, name: str, hf: dict, n_params: int, cfg, status: dict, method:
     else:
         lines += ["Not measured for this card: beyond the held-out perplexity above, no evaluation of this model "
                   "is stated here -- neither downstream quality nor" + (" resistance to fine-tuning nor mask secrecy."
-                  if method == "pmp" else " resistance to fine-tuning." if method == "rescale"
+                  if method == "pmp" else " resistance to fine-tuning." if method in ("rescale", *RESTRICTED_METHODS)
                   else " how it compares with a protected model.")]
     lines += ["", "## Limitations", "",
               "Trained only on the corpus named above, whose biases it inherits; no instruction or safety tuning.",
               ""]
     return "\n".join(lines)
+
+
+def _complement_phrase(cfg) -> str:
+    """What the entries outside the mask hold (pmp.complement); no number derived from the mask."""
+    if getattr(cfg.pmp, "complement", "frozen") == "project":
+        return "kept its random initial value shrunk nearly to zero (all by one common factor)"
+    return "kept its random initial value"
 
 
 def attached_evaluation(report_dir: Path) -> str:

@@ -9,8 +9,9 @@ RUN/
   checkpoints/        resumable checkpoints (format: pmp/step_dir.py; written by pmp.train.checkpoint)
   snapshots/          weight snapshots of earlier steps (train.snapshot_every), never deleted
   private/            NEVER published: mask.{safetensors,json}, init.{safetensors,json} (initial weights + seed),
-                      identification.jsonl, commitment.json (ownership salt), rescale.{safetensors,json} (the
-                      secret scales of a `pmp protect rescale` run)
+                      complement.json (what the masked phase holds the complement at: init x scale,
+                      pmp/complement.py), identification.jsonl, commitment.json (ownership salt),
+                      rescale.{safetensors,json} (the secret scales of a `pmp protect rescale` run)
   final/              the final private model (stock HF directory; `pmp export` makes the public release)
   audit/              default output of `pmp audit` (describes the mask: private too)
 """
@@ -28,12 +29,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from pmp.atomic import atomic_file, sha256_bytes, sha256_file, write_json, write_text
+from pmp.complement import RECORD_FILE, ComplementPlan, scaled
 from pmp.config import RunConfig, config_from_dict
 from pmp.mask import META_FILE, PrivateMask
 from pmp.step_dir import list_step_dirs, step_dir_name, step_of, verified_weights
 from pmp.typed_config import dump_yaml, to_dict
 
-COMPLEMENT_MIN_SHARE = 0.999  # a PMP release keeps 100 % of its complement at init; below this it is another run's
+COMPLEMENT_MIN_SHARE = 0.999  # a PMP release keeps 100 % of its complement reference; below this it is another run's
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,10 @@ class RunDir:
     @property
     def init_record(self) -> Path:
         return self.private / "init.json"
+
+    @property
+    def complement_record(self) -> Path:
+        return self.private / RECORD_FILE
 
     @property
     def identification(self) -> Path:
@@ -137,6 +143,10 @@ class RunDir:
     def has_trained(self) -> bool:
         """Whether anything derived from the initial weights exists (a checkpoint, snapshot or final model)."""
         return bool(list_step_dirs(self.checkpoints) or list_step_dirs(self.snapshots)) or self.final.is_dir()
+
+    def complement_plan(self) -> ComplementPlan:
+        """What the masked phase held the complement at (init x scale); frozen when the run recorded nothing."""
+        return ComplementPlan.load(self.private)
 
     def init_seed(self) -> int | None:
         return int(json.loads(self.init_record.read_text())["seed"]) if self.init_record.is_file() else None
@@ -285,10 +295,12 @@ def open_private_run(path: str | Path, flag: str = "--private", need_mask: bool 
 
 def complement_share(weights: Mapping[str, torch.Tensor], mask: PrivateMask, run: RunDir,
                      storage_dtype: torch.dtype = torch.float32) -> float | None:
-    """Share of the mask's complement entries of `weights` that equal the run's initial weights (rounded to the
-    release's `storage_dtype`, so bf16 releases compare exactly); None when the run kept no initial weights."""
+    """Share of the mask's complement entries of `weights` that equal the run's complement reference -- its
+    initial weights times the recorded scale (pmp/complement.py: 1 for pmp.complement=frozen) -- rounded to the
+    release's `storage_dtype`, so bf16 releases compare exactly; None when the run kept no initial weights."""
     if not run.init_weights.is_file():
         return None
+    scale = run.complement_plan().scale
     same = total = 0
     with safe_open(str(run.init_weights), "pt") as f:
         keys = set(f.keys())
@@ -299,9 +311,10 @@ def complement_share(weights: Mapping[str, torch.Tensor], mask: PrivateMask, run
             if w0.shape != weights[n].shape:
                 raise ValueError(f"{run.root}: initial weight {n} has shape {tuple(w0.shape)}, the release's "
                                  f"{tuple(weights[n].shape)}: the run does not belong to this release")
+            keep = ~lay.to_bool()
+            w0 = scaled(w0, ~keep, scale)
             if storage_dtype != torch.float32:
                 w0 = w0.to(storage_dtype).float()
-            keep = ~lay.to_bool()
             same += int((weights[n].detach()[keep] == w0[keep]).sum())
             total += int(keep.sum())
     return same / total if total else None
@@ -309,11 +322,13 @@ def complement_share(weights: Mapping[str, torch.Tensor], mask: PrivateMask, run
 
 def check_complement(weights: Mapping[str, torch.Tensor], mask: PrivateMask, run: RunDir, release: str | Path,
                      storage_dtype: torch.dtype = torch.float32) -> None:
-    """Refuse a release that is not the one `run` trained: its complement must still equal the run's init."""
+    """Refuse a release that is not the one `run` trained: its complement must still equal the run's reference
+    (the init, or under pmp.complement=project the init times the recorded scale)."""
     share = complement_share(weights, mask, run, storage_dtype)
     if share is not None and share < COMPLEMENT_MIN_SHARE:
+        what = "initial weights" if run.complement_plan().scale == 1.0 else "projected initial weights"
         raise ValueError(f"the release {release} does not belong to the private run {run.root}: only {share:.1%} of "
-                         "the mask's complement equals the run's initial weights (a PMP release keeps 100%)")
+                         f"the mask's complement equals the run's {what} (a PMP release keeps 100%)")
 
 
 def _init_bytes(state: Mapping[str, torch.Tensor]) -> bytes:

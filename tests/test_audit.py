@@ -95,7 +95,8 @@ def test_planted_seed_leak_is_found(pinned, capsys):
     d, run, text = pinned
     out = d / "audit_out"
     assert main(["audit", str(run / "final"), "--private", str(run), "--text", text, "--out", str(out),
-                 "--max-seed", "5", "--grad-batches", "2", "--max-seconds", "120"]) == 0
+                 "--max-seed", "5", "--grad-batches", "2", "--max-seconds", "120", "--curvature-batches", "1",
+                 "--curvature-probes", "2", "--curvature-fd-eps", "1e-3", "--activation-batches", "2"]) == 0
     rep = json.loads((out / "audit.json").read_text())
     sg = rep["seed_guess"]
     assert sg["matched_seed"] == 0 and sg["method"] == "bulk skip"
@@ -106,7 +107,18 @@ def test_planted_seed_leak_is_found(pinned, capsys):
     # the structural tell reads every norm entry right: trained norm weights moved off 1.0, the rest did not
     assert rep["attacks"]["structural"]["metrics"]["norms"]["auroc"] == 1.0
     assert rep["attacks"]["random (control)"]["metrics"]["global"]["auroc"] == pytest.approx(0.5, abs=0.05)
-    assert "Best attack: `seed_guess`" in (out / "audit.md").read_text()
+    md = (out / "audit.md").read_text()
+    assert "Best attack: `seed_guess`" in md
+    # the curvature and activation attacks are scored like the others and listed in the same table
+    assert rep["curvature"]["probes"] == 2 and rep["curvature"]["batches"] == 1 and rep["curvature"]["fd_eps"] == 1e-3
+    assert rep["activations"]["batches"] >= 1 and rep["activations"]["layers"] > 0
+    for name, family in {"hessian_diag": "curvature", "hessian_row": "curvature", "hessian_diag_fd": "curvature",
+                         "act_wanda": "activations", "act_in_rms": "activations", "act_out_rms": "activations"}.items():
+        a = rep["attacks"][name]
+        assert a["family"] == family and 0.0 <= a["metrics"]["global"]["auroc"] <= 1.0, name
+        row = next(line for line in md.splitlines() if line.startswith(f"| {name} | {family} |"))
+        assert f"{a['metrics']['global']['auroc']:.4f}" in row
+    assert "## Curvature attacks" in md and "## Activation-statistics attacks" in md
     rec = PrivateMask.load(out / "recovered_mask")
     truth = PrivateMask.load(run / "private")
     assert rec.density() == pytest.approx(truth.density(), abs=1e-4)
@@ -144,11 +156,25 @@ def test_random_release_scores_at_chance(pinned):
     rep = json.loads((out / "audit.json").read_text())
     assert rep["best_attack"] == report["best_attack"]  # run_audit returns what audit.json holds
     assert rep["seed_guess"]["matched_seed"] is None
-    assert {"magnitude", "init_mixture", "grad", "fisher", "shadow_grad", "structural"} <= set(rep["attacks"])
+    assert {"magnitude", "init_mixture", "grad", "fisher", "shadow_grad", "structural", "hessian_diag", "hessian_row",
+            "act_wanda", "act_in_rms", "act_out_rms"} <= set(rep["attacks"])
     for name, a in rep["attacks"].items():
         m = a["metrics"]["global"]
         assert m["entries"] > 100
         assert abs(m["auroc"] - 0.5) < 0.1, (name, m)
+
+
+def test_curvature_and_activation_attacks_can_be_turned_off(pinned):
+    d, run, text = pinned
+    out = d / "audit_off"
+    rep = run_audit(AuditConfig(release=str(run / "final"), private=str(run), text=text, out=str(out), max_seed=1,
+                                grad_batches=1, curvature_batches=0, activation_batches=0, max_seconds=60),
+                    log=lambda *_: None)
+    assert not {"hessian_diag", "hessian_row", "act_wanda", "act_in_rms", "act_out_rms"} & set(rep["attacks"])
+    assert "grad" in rep["attacks"]
+    assert rep["curvature"]["skipped"] == "curvature_batches = 0"
+    md = (out / "audit.md").read_text()
+    assert "skipped: curvature_batches = 0" in md and "skipped: activation_batches = 0" in md
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -161,3 +161,37 @@ def test_matched_baseline_gets_its_own_ratio(tmp_path):
     cols = dict(zip([c.strip() for c in header.strip("|").split("|")], [c.strip() for c in row.strip("|").split("|")]))
     assert cols["gain ratio pmp (best)"] == "0.40" and cols["gain ratio pmp vs dense_early (best)"] == "0.50"
     assert "| ratio pmp vs dense_early |" in md
+
+
+def _protection_run(path, restricted, method="sophon", status="finished"):
+    path.mkdir()
+    (path / "run.json").write_text(json.dumps({
+        "status": status, "method": method, "restricted": restricted, "rollbacks": 1,
+        "before": {"retain_ppl": 100.0, "restricted_ppl": 80.0},
+        "after": {"retain_ppl": 105.0, "restricted_ppl": 300.0},
+        "cost": {"x_pretraining": 0.5, "wall_s": 60.0}}))
+    return path
+
+
+def test_restricted_domain_view_separates_protection_from_collateral(tmp_path):
+    """`sophon` gains 0.03 on its restricted task `sent` (dense 0.15 -> ratio 0.2) and as much as dense on `other`
+    (ratio 1.0); the view names the restricted task, the retain price (+5.0 %) and both ratios."""
+    cs = classification_cells("sent") + classification_cells("other")
+    for task, gains in (("sent", (0.03, 0.03)), ("other", (0.20, 0.10))):
+        for s, (b, g) in enumerate(zip((0.55, 0.57), gains)):
+            cs += [cell("sophon", "other", task, "probe", "probe", s, b, b),
+                   cell("sophon", "other", task, "full", "full", s, b, b + g)]
+    res = write(tmp_path, cs)
+    run = _protection_run(tmp_path / "sophon_run", "sent")
+    md = write_report(ReportConfig(results=str(res), protections={"sophon": str(run)})).read_text()
+    view = md[md.index("## Restricted-domain view"):]
+    assert "100.00 -> 105.00 (+5.0 %)" in view and "80.00 -> 300.00" in view
+    sent = next(line for line in view.splitlines() if line.startswith("| sent |"))
+    other = next(line for line in view.splitlines() if line.startswith("| other |"))
+    assert "(0.20) **restricted**" in sent and "(1.00)" in other and "restricted**" not in other
+    assert "gain ratio sophon (best)" in md  # marked protected in the main table too
+    with pytest.raises(ValueError, match="not a model in these results"):
+        write_report(ReportConfig(results=str(res), protections={"nobody": str(run)}))
+    unfinished = _protection_run(tmp_path / "half", "sent", status="protecting")
+    with pytest.raises(ValueError, match="not a finished restricted-domain protection run"):
+        write_report(ReportConfig(results=str(res), protections={"sophon": str(unfinished)}))

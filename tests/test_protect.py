@@ -77,7 +77,7 @@ def test_a_leaked_key_fails_verify_release(runs, tmp_path):
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"method": "sophon"}, "not implemented yet"),
+    ({"method": "sdd"}, "not implemented yet"),
     ({"method": "magic"}, "protect method must be one of"),
     ({"strength": 1.0}, "strength must be > 1"),
     ({"base": ""}, "needs --base"),

@@ -126,10 +126,12 @@ def _kill_when(proc, run: Path, step: int):
     pytest.fail("timed out waiting for a checkpoint")
 
 
-def test_sigkill_and_resume_is_exact(corpus, tmp_path):
+@pytest.mark.parametrize("complement", ["frozen", "project"])
+def test_sigkill_and_resume_is_exact(corpus, tmp_path, complement):
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}"}
     # a pinned init seed makes the two runs comparable (it warns, as it should)
-    args = ["pretrain", *sum([["--set", o] for o in tiny_overrides(corpus, **{"model.init_seed": 1234})], [])]
+    ov = tiny_overrides(corpus, **{"model.init_seed": 1234, "pmp.complement": complement})
+    args = ["pretrain", *sum([["--set", o] for o in ov], [])]
     full = tmp_path / "full"
     p = _cli([*args, "--out", str(full)], env)
     out = p.communicate()[0]
@@ -154,6 +156,9 @@ def test_sigkill_and_resume_is_exact(corpus, tmp_path):
     fa = load_file(str(full / "final" / "model.safetensors"))
     fb = load_file(str(cut / "final" / "model.safetensors"))
     assert all(torch.equal(fa[k], fb[k]) for k in fa)
+    if complement == "project":  # the resumed run projected (at identification, after its first kill) the same way
+        rec = [json.loads((r / "private" / "complement.json").read_text()) for r in (full, cut)]
+        assert rec[0] == rec[1] and rec[0]["mode"] == "project" and rec[0]["scale"] < 1
     steps = [r["step"] for r in read_metrics(cut) if "loss" in r]
     assert steps == sorted(set(steps)), "metrics rows after the resumed checkpoint were duplicated"
 

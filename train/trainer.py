@@ -5,8 +5,9 @@ rewind] -> (masked) training -> final private model.
 audits what a run did; the engines, the distributed plumbing and the state formats live in their own modules.)
 
 method=dense trains every parameter for `train.steps` steps. method=pmp spends the first steps as a dense
-warm-up that identifies the private mask (pmp/identify.py), rewinds every weight to its initial value, and
-trains only the masked entries for the remaining steps (pmp/masked_state.py). Both see the same batch at the
+warm-up that identifies the private mask (pmp/identify.py), rewinds every weight to its initial value (with
+pmp.complement=project the complement is then scaled nearly to zero, pmp/complement.py), and trains only the masked
+entries for the remaining steps (pmp/masked_state.py). Both see the same batch at the
 same step when they share `train.data_seed`, so they can be compared at equal budget.
 
 Under torchrun the same recipe runs data-parallel (`train.parallel`, train/distributed.py, docs/distributed.md):
@@ -31,10 +32,11 @@ from pathlib import Path
 import torch
 
 from pmp.atomic import atomic_dir, atomic_file, owner_only, remove_leftovers
+from pmp.complement import ComplementPlan, scaled
 from pmp.config import RunConfig
 from pmp.data.blocks import BatchStream, RankBatches, eval_slices
 from pmp.dir_lock import LOCK_FILE, exclusive
-from pmp.identify import MaskIdentifier, full_tensor
+from pmp.identify import MaskIdentifier, full_tensor, shaped_like
 from pmp.mask import PrivateMask
 from pmp.masked_optim import MaskedAdamW
 from pmp.masked_state import MaskedModel
@@ -53,7 +55,7 @@ from pmp.train.checkpoint import (
     set_rng_state,
 )
 from pmp.train.distributed import DistContext, process_group, resolve_device, resolve_parallel
-from pmp.train.fsdp import ShardedMaskedAdamW, copy_full_, gather_state_dict, own_part, shard_model
+from pmp.train.fsdp import ShardedMaskedAdamW, copy_full_, gather_state_dict, local, own_part, shard_model
 from pmp.train.logger import RunLogger, memory_mb
 from pmp.train.optim_state import (
     MOMENTS,
@@ -226,10 +228,55 @@ class Trainer:
         by_kind = self.mask.density_by_kind()
         self.log.echo("[pmp] mask density by kind: " + ", ".join(f"{k} {v:.3f}" for k, v in by_kind.items()))
         self.log.log({"step": self.step, "phase": "identify", "mask_density_by_kind": by_kind})
-        if p.rewind:
+        plan = self.ctx.main_first(self._plan_complement)  # rank 0 decides (and records) it for every rank
+        if p.rewind:  # pmp.complement=project needs it (config check)
             self._load_weights(self.init_state)
+            self._project_complement_(plan)
+        if plan.mode != "frozen":
+            self.log.echo(f"[pmp] {plan.summary()}")
         self.identifier = None
         self._enter_masked_phase(self.step)
+
+    def _plan_complement(self) -> ComplementPlan:
+        """Rank 0: what the masked phase holds the complement at (pmp/complement.py), from the whole initial weights
+        (FSDP keeps only each rank's part in memory: they are read again), recorded in RUN/private."""
+        p = self.cfg.pmp
+        if p.complement == "frozen":
+            plan = ComplementPlan("frozen")
+        else:
+            init = self.run.load_init() if self.mode == "fsdp" else self.init_state
+            plan = ComplementPlan.plan(p.complement, p.complement_radius, init, self.mask)
+        plan.save(self.run.private)
+        return plan
+
+    @torch.no_grad()
+    def _project_complement_(self, plan: ComplementPlan) -> None:
+        """Scale the complement in place (this rank's shards under FSDP; a tied weight once): the same elementwise
+        fp32 product as `ComplementPlan.apply`, which the release checks recompute on CPU."""
+        if plan.scale == 1.0:
+            return
+        masks = self.mask.to_bool()
+        for name, prm in self.model.named_parameters():
+            if name in masks:
+                w = local(prm)
+                w.copy_(scaled(w, local(shaped_like(masks[name], prm)), plan.scale))
+
+    def _check_complement_record(self) -> None:
+        """Resuming in the masked phase: the run's complement record must be the plan of this config (rank 0;
+        rewritten when lost -- it is a function of the init and the mask -- refused when it disagrees)."""
+        p = self.cfg.pmp
+        expected = ComplementPlan("frozen") if p.complement == "frozen" else ComplementPlan.plan(
+            p.complement, p.complement_radius, self.run.load_init(), self.mask)
+        if not self.run.complement_record.is_file():
+            if expected.mode != "frozen":
+                expected.save(self.run.private)
+                print(f"[pmp] rebuilt {self.run.complement_record} from the initial weights and the mask")
+            return
+        recorded = self.run.complement_plan()
+        if (recorded.mode, recorded.scale) != (expected.mode, expected.scale):
+            raise ValueError(f"{self.run.complement_record} records mode {recorded.mode} with scale "
+                             f"{recorded.scale!r}, but this run's config and initial weights give {expected.mode} "
+                             f"with scale {expected.scale!r}: restore the run's own private/ files")
 
     def _save_mask(self) -> None:
         self.mask.save(self.run.private)
@@ -455,6 +502,7 @@ class Trainer:
                 raise ValueError(f"checkpoint {path} was trained with a different mask than {self.run.private}: "
                                  "refusing to resume (restore the run's own private/mask.* files)")
             self.ctx.agree("masks", self.mask.fingerprint(), "every rank must read the run's own private/mask.*")
+            self.ctx.main_first(self._check_complement_record)
             self.phase = "masked"
             self._enter_masked_phase(self.phase_start)
         sharded = None

@@ -22,7 +22,7 @@ from pmp.data.prepare import prepare
 from pmp.data.task_registry import TASKS, TaskSpec
 
 __all__ = ["LM_CHUNK_CHARS", "TASKS", "TaskData", "TaskSpec", "default_classification_tasks", "default_lm_probe",
-           "fixed_split", "list_tasks", "load_task", "load_task_file"]
+           "fixed_split", "list_tasks", "lm_task_from_text", "load_task", "load_task_file"]
 
 LM_CHUNK_CHARS = 2_000  # rows of an LM task: ~2 k chars of consecutive exchanges (~500 tokens)
 
@@ -99,3 +99,16 @@ def load_task_file(path: str, text_column: str = "text", label_column: str = "la
                          f"seen with conflicting labels are dropped")
     train_idx, test_idx = fixed_split([" ".join(t.lower().split()) for t in ds["text"]], test_fraction)
     return TaskData(Path(path).stem, "classification", ds.select(train_idx), ds.select(test_idx), len(names), names)
+
+
+def lm_task_from_text(path: str | Path, test_fraction: float = 0.2) -> TaskData:
+    """A user's held-out text file as an LM-probe task (chunks of ~2k chars, fixed text-hash split)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"LM probe text {p} does not exist")
+    chunks = chunk_text(p.read_text("utf-8", errors="replace"), LM_CHUNK_CHARS)
+    if len(chunks) < 2:
+        raise ValueError(f"LM probe text {p} is too short: need at least 2 chunks of ~{LM_CHUNK_CHARS} chars")
+    tr, te = fixed_split(chunks, test_fraction)
+    mk = lambda idx: datasets.Dataset.from_dict({"text": [chunks[i] for i in idx]})  # noqa: E731
+    return TaskData(p.stem, "lm", mk(tr), mk(te), 0, [])
