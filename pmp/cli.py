@@ -9,7 +9,7 @@
   pmp report RES [--out DIR]                  Markdown + PNG report of the attack results
   pmp audit RELEASE --private RUN [--out DIR]  mask secrecy audit: can the mask be read off the release?
   pmp protect rescale --base RUN --out RUN2   a protected run (secret function-preserving rescaling)
-  pmp protect sophon|mlac --base RUN [--restricted TASK] --out RUN2   restricted-domain protection (resumable)
+  pmp protect sophon|mlac|sdd --base RUN [--restricted TASK] --out RUN2   restricted-domain protection (resumable)
 
 Every verb takes a typed config (pmp.config, pmp.eval.config, pmp.pipeline): a YAML recipe (`CONFIG` for
 pretrain / pipeline, `--config FILE` for the others), `--set key=value` overrides, and one flag per field, generated
@@ -163,7 +163,8 @@ VERBS = [
     Verb("export", "write the public release (stock HF model directory) of a finished run", ExportConfig, cmd_export,
          positional=("run",)),
     Verb("protect", "turn a finished run into a protected run (rescale: a function-preserving secret rescaling; "
-         "sophon, sophon_nlp, mlac: restricted-domain protection by training; resumable); `pmp export` releases it",
+         "sophon, sophon_nlp, mlac, sdd, sdd_reject: restricted-domain protection by training; resumable); "
+         "`pmp export` releases it",
          ProtectConfig, cmd_protect, positional=("method",), aliases={"--steps": "train.steps"}),
     Verb("verify-release", "audit a release: stock files, stock loading, no mask-derived content; exit 1 on any "
          "failure", VerifyConfig, cmd_verify_release, positional=("release",)),

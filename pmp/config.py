@@ -122,6 +122,30 @@ class PMPConfig:
     complement_radius: float = doc(
         "project: L2 radius R of the complement of all masked tensors together (0 = auto: 2 x sqrt(complement "
         "entries / 550,024,192), the authors' R = 2 scaled to this model's size; 0.164 at small, rho 0.5)", 0.0)
+    variant: str = doc(
+        "none (PMP: warm-up, identification, rewind, masked training) | trap (V1: the mask is identified as usual, "
+        "then training stays DENSE -- no rewind, nothing frozen -- and the last trap_fraction of steps adds the "
+        "mask-keyed trap term, train/trap.py) | illcond (V3: the mask is a secret random `density` share of the input "
+        "channels of every nn.Linear, drawn at step 0; dense training plus the keyed ill-conditioning regulariser, "
+        "train/illcond.py). Both variants release dense weights trained everywhere; the mask stays in RUN/private "
+        "as the owner's fine-tuning key", "none")
+    trap_fraction: float = doc("trap: the trap term is on for the last this fraction of train.steps", 0.2)
+    trap_weight: float = doc("trap: lambda_t, weight of the bounded trap loss of the model after a simulated "
+                             "unmasked sign step (0 = off: a control arm that trains like trap without the term)", 1.0)
+    trap_owner_weight: float = doc("trap: lambda_o, weight of the LM loss of the model after a simulated masked "
+                                   "(owner) sign step (0 = off)", 1.0)
+    trap_loss: str = doc("trap: bounded loss of the simulated attacker's model (train/suppression.py): klu (KL from "
+                         "uniform: its next-token predictions are pushed to uniform) | ice (inverse cross-entropy "
+                         "-log(1 - p_true))", "klu")
+    trap_lr_min: float = doc("trap: the simulated step size alpha is drawn log-uniform in [trap_lr_min, "
+                             "trap_lr_max] each step (the sign step moves every entry by alpha)", 3e-4)
+    trap_lr_max: float = doc("trap: upper end of the simulated step size alpha", 3e-3)
+    trap_holdout: float = doc("trap: share of the training blocks held out of the batch stream as the simulated "
+                              "attacker's text D_sim / D_sim' (the last blocks; pre-training text, never a task)", 0.02)
+    illcond_ill_weight: float = doc("illcond: weight of R_ill on the complement channels' activation covariance "
+                                    "(rewards ill-conditioning)", 1.0)
+    illcond_well_weight: float = doc("illcond: weight of R_well on the masked channels' activation covariance "
+                                     "(rewards good conditioning)", 1.0)
 
 
 @dataclass
@@ -190,11 +214,53 @@ class RunConfig:
             _check(p.max_warmup_steps < t.steps,
                    "pmp.max_warmup_steps ({}) must be < train.steps ({}) so masked training gets steps",
                    p.max_warmup_steps, t.steps)
+        self._validate_variant()
         return self
+
+    def _validate_variant(self) -> None:
+        """pmp.variant and its knobs (the ranges always; the combinations when this run uses the variant)."""
+        t, p = self.train, self.pmp
+        _check(p.variant in VARIANTS, "pmp.variant must be one of {}, got {!r}", list(VARIANTS), p.variant)
+        _check(0 < p.trap_fraction < 1, "pmp.trap_fraction must be in (0, 1), got {}", p.trap_fraction)
+        for k in ("trap_weight", "trap_owner_weight", "illcond_ill_weight", "illcond_well_weight"):
+            v = getattr(p, k)
+            _check(math.isfinite(v) and v >= 0, "pmp.{} must be a finite weight >= 0, got {}", k, v)
+        _check(p.trap_loss in TRAP_LOSSES, "pmp.trap_loss must be one of {}, got {!r}", list(TRAP_LOSSES), p.trap_loss)
+        _check(0 < p.trap_lr_min <= p.trap_lr_max <= 1,
+               "pmp.trap_lr_min and pmp.trap_lr_max must satisfy 0 < trap_lr_min <= trap_lr_max <= 1, got {} and {}",
+               p.trap_lr_min, p.trap_lr_max)
+        _check(0 < p.trap_holdout < 0.5, "pmp.trap_holdout must be in (0, 0.5), got {}", p.trap_holdout)
+        if t.method != "pmp" or p.variant == "none":  # a dense run never reads the pmp section
+            return
+        _check(p.complement == "frozen", "pmp.complement={} does nothing with pmp.variant={}: the variant trains "
+               "every entry, so there is no complement to hold; leave pmp.complement=frozen", p.complement, p.variant)
+        if p.variant == "trap":
+            start = trap_start(t.steps, p.trap_fraction)
+            _check(p.max_warmup_steps <= start,
+                   "pmp.max_warmup_steps ({}) must be <= {}, the first step of the trap (train.steps {} x (1 - "
+                   "pmp.trap_fraction {})): the trap needs the identified mask", p.max_warmup_steps, start, t.steps,
+                   p.trap_fraction)
+        if p.variant == "illcond":
+            arch = self.model.arch or PRESETS[self.model.preset].arch
+            _check(arch == "llama", "pmp.variant=illcond keys the input channels of nn.Linear layers, which only "
+                   "model.arch=llama has (GPT-2 uses Conv1D), got {}", arch)
+            _check(p.scope == "linear", "pmp.variant=illcond masks input channels of the nn.Linear weights: set "
+                   "pmp.scope=linear, got {!r}", p.scope)
+            _check(p.block_size == 0, "pmp.variant=illcond has its own (column) structure: set pmp.block_size=0, "
+                   "got {}", p.block_size)
+            _check(p.density < 1, "pmp.variant=illcond needs complement channels: pmp.density must be < 1, got {}",
+                   p.density)
+
+
+def trap_start(steps: int, fraction: float) -> int:
+    """First (0-based) step of the trap window: the last ceil(fraction x steps) steps of the run."""
+    return steps - math.ceil(fraction * steps)
 
 
 SCORERS = ("grad", "weight", "weight_grad", "random")
 COMPLEMENT_MODES = ("frozen", "project")  # pmp/complement.py
+VARIANTS = ("none", "trap", "illcond")  # train/trap.py, train/illcond.py
+TRAP_LOSSES = ("klu", "ice")  # train/suppression.py
 PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
 
 
@@ -233,9 +299,12 @@ class ExportConfig:
         return self
 
 
-PROTECT_METHODS = ("rescale", "sophon", "sophon_nlp", "mlac")
-TRAINED_METHODS = ("sophon", "sophon_nlp", "mlac")  # methods that train the base on restricted + retain data
-PLANNED_METHODS = ("sdd", "sdd_reject")
+PROTECT_METHODS = ("rescale", "sophon", "sophon_nlp", "mlac", "sdd", "sdd_reject")
+# methods that train the base on restricted + retain data (train/protect_run.py)
+TRAINED_METHODS = ("sophon", "sophon_nlp", "mlac", "sdd", "sdd_reject")
+SDD_METHODS = ("sdd", "sdd_reject")  # Self-Degraded Defense: restricted prompts -> unrelated fluent text
+PLANNED_METHODS: tuple[str, ...] = ()
+SDD_REFUSAL = "I will not help with that. Here is something unrelated: "
 SUPPRESSION_LOSSES = ("ice", "klu")
 INNER_OPTIMIZERS = ("sgd", "adam")
 MLAC_ADVERSARIES = ("head", "full")
@@ -249,9 +318,9 @@ class ProtectTrainConfig:
     batch_size: int = doc("sequences per batch, restricted and retain alike", 8)
     seq_len: int = doc("tokens per LM block (restricted LM task and retain corpus); classification texts are "
                        "truncated to this many tokens", 128)
-    lr: float = doc("base learning rate; the suppression optimizer runs at alpha x lr, the retain one at beta x lr "
-                    "(both Adam, as in SOPHON's code)", 1e-4)
-    alpha: float = doc("suppression learning-rate multiplier (SOPHON's alpha)", 3.0)
+    lr: float = doc("base learning rate; the suppression optimizer (sdd: the SFT one) runs at alpha x lr, the "
+                    "retain one at beta x lr (both Adam, as in SOPHON's code)", 1e-4)
+    alpha: float = doc("suppression (sdd: SFT) learning-rate multiplier (SOPHON's alpha)", 3.0)
     beta: float = doc("retain (normal-training reinforcement) learning-rate multiplier (SOPHON's beta)", 5.0)
     loss: str = doc("suppression loss on the simulated fine-tuned model: ice (inverse cross-entropy, "
                     "-log(1 - p_true)) or klu (KL from uniform); both have gradients that shrink as the error grows",
@@ -277,6 +346,16 @@ class ProtectTrainConfig:
                               "a language-modelling domain; differentiated through: second order) or full (every "
                               "parameter, first order)", "head")
     mlac_weight: float = doc("MLAC: weight of the adapted adversary's suppression loss against the retain loss", 1.0)
+    sdd_prompt_tokens: int = doc("SDD: a prompt is the first this many tokens of a restricted LM block, or of a "
+                                 "classification example's text (0 = seq_len // 4)", 0)
+    sdd_max_similarity: float = doc("SDD: never pair a prompt with a retain passage whose TF-IDF cosine with it "
+                                    "(lower-cased word unigrams, idf over prompts + pool) exceeds this; in [0, 1]. "
+                                    "0.1 drops only overt overlap: 99 % of (task text, default-corpus passage) "
+                                    "pairs are below 0.08", 0.1)
+    sdd_pool: int = doc("SDD: candidate responses -- this many retain train blocks, drawn once from the seed; each "
+                        "prompt gets one of them at random among those within sdd_max_similarity", 2048)
+    sdd_refusal: str = doc("sdd_reject: the fixed sentence every response starts with (and is trained on)",
+                           SDD_REFUSAL)
     seed: int = doc("seed of the data order, the simulated attackers and fresh heads", 0)
     log_every: int = doc("print progress every this many outer steps (0 = never)", 10)
     threads: int = doc("torch CPU threads (0 = torch's default)", 0)
@@ -302,6 +381,18 @@ class ProtectTrainConfig:
         _check(self.ckpt_every % self.check_every == 0, "train.ckpt_every ({}) must be a multiple of "
                "train.check_every ({}): checkpoints are written at accepted checks", self.ckpt_every,
                self.check_every)
+        _check(0 <= self.sdd_max_similarity <= 1, "train.sdd_max_similarity must be in [0, 1] (a cosine "
+               "similarity), got {}", self.sdd_max_similarity)
+        _check(self.sdd_prompt_tokens >= 0, "train.sdd_prompt_tokens must be >= 0 (0 = seq_len // 4), got {}",
+               self.sdd_prompt_tokens)
+        _check(self.sdd_pool >= 1, "train.sdd_pool must be >= 1, got {}", self.sdd_pool)
+
+    def validate_sdd(self, refusal: bool) -> None:
+        """What only SDD needs: a prompt shorter than a block, and a refusal for sdd_reject."""
+        _check(self.sdd_prompt_tokens < self.seq_len, "train.sdd_prompt_tokens ({}) must be < train.seq_len ({}) to "
+               "leave room for a response", self.sdd_prompt_tokens, self.seq_len)
+        _check(not refusal or bool(self.sdd_refusal.strip()), "sdd_reject needs a refusal sentence: set "
+               "train.sdd_refusal (default {!r}), or use method sdd", SDD_REFUSAL)
 
 
 @dataclass
@@ -309,15 +400,16 @@ class ProtectConfig:
     method: str = doc("protection to apply to a finished run: rescale (a function-preserving secret rescaling; "
                       "the suite's positive control), sophon (fine-tuning suppression + retain reinforcement; "
                       "sophon_nlp = sophon on a classification task with a linear head), mlac (meta-learned "
-                      "adversarial censoring)", "rescale")
+                      "adversarial censoring), sdd (self-degraded defense: restricted prompts answered with "
+                      "unrelated retain text; sdd_reject = sdd with a refusal before it)", "rescale")
     base: str = doc("the finished private run to protect (the --out of `pmp pretrain`; rescale: method dense)", "")
     out: str = doc("the protected run directory to create (private, like any run: `pmp export` releases it)", "")
-    restricted: str = doc("sophon/mlac: the restricted domain -- a task name (`pmp attack` task names; '' = the "
+    restricted: str = doc("sophon/mlac/sdd: the restricted domain -- a task name (`pmp attack` task names; '' = the "
                           "held-out LM probe), a .txt file (an LM domain) or a labelled csv/jsonl file "
                           "(classification). Only its TRAIN split is used; attacks test on its test split", "")
-    retain: str = doc("sophon/mlac: the original-domain (retain) corpus -- '' = the base run's pre-training corpus "
+    retain: str = doc("sophon/mlac/sdd: the original-domain (retain) corpus -- '' = the base run's pre-training corpus "
                       "(a release base: the default corpus), or comma-separated local text files", "")
-    resume: bool = doc("continue an interrupted sophon/mlac run in --out from its last checkpoint", False)
+    resume: bool = doc("continue an interrupted sophon/mlac/sdd run in --out from its last checkpoint", False)
     strength: float = doc("rescale: log c ~ U[-ln C, ln C] per scaled unit, C = this (> 1; e.g. 10, 100, 1000)",
                           100.0)
     bf16_tolerance: float = doc("rescale: refuse a strength whose bf16 copy changes the logits by more than this "
@@ -341,6 +433,8 @@ class ProtectConfig:
             _check(not same, "--restricted {!r} is also the retain corpus {!r}: the model cannot be protected "
                    "against the data it must keep; choose a different restricted domain or retain corpus",
                    self.restricted, self.retain)
+        if self.method in SDD_METHODS:
+            self.train.validate_sdd(refusal=self.method == "sdd_reject")
         return self
 
 

@@ -11,10 +11,15 @@ from pathlib import Path
 MAIN_TABLE = "## Main table"
 TAGS = {"pmp": "private-mask-pretraining", "rescale": "secret-rescaling", "dense": "dense-baseline",
         "sophon": "restricted-domain-protection", "sophon_nlp": "restricted-domain-protection",
-        "mlac": "restricted-domain-protection"}
+        "mlac": "restricted-domain-protection", "sdd": "restricted-domain-protection",
+        "sdd_reject": "restricted-domain-protection"}
 RESTRICTED_METHODS = {"sophon": "SOPHON (fine-tuning suppression with normal-training reinforcement)",
                       "sophon_nlp": "SOPHON-NLP (SOPHON on a text-classification task)",
-                      "mlac": "MLAC (meta-learned adversarial censoring)"}
+                      "mlac": "MLAC (meta-learned adversarial censoring)",
+                      "sdd": "SDD (self-degraded defense: prompts of the restricted domain answered with fluent, "
+                             "unrelated text)",
+                      "sdd_reject": "SDD-reject (self-degraded defense: prompts of the restricted domain answered "
+                                    "with a refusal followed by fluent, unrelated text)"}
 
 
 def _corpus_name(corpus: str) -> str:
@@ -65,8 +70,7 @@ def model_card(*, name: str, hf: dict, n_params: int, cfg, status: dict, method:
     if method == "pmp":
         lines += [
             "## What Private Mask Pre-Training means for you", "",
-            "During pre-training only a secret subset of the weight entries (the owner's private mask) was "
-            f"trained; every other entry {_complement_phrase(cfg)}. The released weights are nonetheless a "
+            f"{_training_phrase(cfg)} The released weights are nonetheless a "
             "normal dense causal LM: inference, generation and fine-tuning work exactly as for any other "
             "model of this architecture.", "",
             "The intent of the method is that fine-tuning this model *without* the owner's mask gains less than "
@@ -117,6 +121,21 @@ def model_card(*, name: str, hf: dict, n_params: int, cfg, status: dict, method:
               "Trained only on the corpus named above, whose biases it inherits; no instruction or safety tuning.",
               ""]
     return "\n".join(lines)
+
+
+def _training_phrase(cfg) -> str:
+    """What pre-training did with the owner's mask (pmp.variant); no number derived from the mask."""
+    variant = getattr(cfg.pmp, "variant", "none")
+    if variant == "trap":
+        return ("Every weight entry was trained. A secret subset of them (the owner's private mask) was identified "
+                "during training, and the last part of training shaped the model so that a fine-tuning step that "
+                "moves every entry should help less than one restricted to the owner's mask.")
+    if variant == "illcond":
+        return ("Every weight entry was trained, with a regulariser keyed to a secret subset of each linear layer's "
+                "input channels (the owner's private mask) that makes the statistics of the other channels badly "
+                "conditioned for fine-tuning and those of the secret channels well conditioned.")
+    return ("During pre-training only a secret subset of the weight entries (the owner's private mask) was "
+            f"trained; every other entry {_complement_phrase(cfg)}.")
 
 
 def _complement_phrase(cfg) -> str:

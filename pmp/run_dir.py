@@ -297,8 +297,9 @@ def complement_share(weights: Mapping[str, torch.Tensor], mask: PrivateMask, run
                      storage_dtype: torch.dtype = torch.float32) -> float | None:
     """Share of the mask's complement entries of `weights` that equal the run's complement reference -- its
     initial weights times the recorded scale (pmp/complement.py: 1 for pmp.complement=frozen) -- rounded to the
-    release's `storage_dtype`, so bf16 releases compare exactly; None when the run kept no initial weights."""
-    if not run.init_weights.is_file():
+    release's `storage_dtype`, so bf16 releases compare exactly; None when the run kept no initial weights, or
+    trained every entry (pmp.variant trap / illcond: there is no complement reference to compare)."""
+    if not run.init_weights.is_file() or trains_every_entry(run):
         return None
     scale = run.complement_plan().scale
     same = total = 0
@@ -318,6 +319,14 @@ def complement_share(weights: Mapping[str, torch.Tensor], mask: PrivateMask, run
             same += int((weights[n].detach()[keep] == w0[keep]).sum())
             total += int(keep.sum())
     return same / total if total else None
+
+
+def trains_every_entry(run: RunDir) -> bool:
+    """Did this PMP run train its complement too (pmp.variant trap or illcond)?"""
+    if not run.config.is_file():
+        return False
+    cfg = run.load_config()
+    return cfg.train.method == "pmp" and cfg.pmp.variant != "none"
 
 
 def check_complement(weights: Mapping[str, torch.Tensor], mask: PrivateMask, run: RunDir, release: str | Path,

@@ -13,7 +13,7 @@ from corpus_fixture import write_corpus
 from transformers import AutoModelForCausalLM
 
 from pmp.cli import main
-from pmp.config import ExportConfig, ProtectConfig, load_config
+from pmp.config import ExportConfig, ProtectConfig, ProtectTrainConfig, load_config
 from pmp.protect import protect
 from pmp.release import export_release
 from pmp.run_dir import RunDir
@@ -77,7 +77,8 @@ def test_a_leaked_key_fails_verify_release(runs, tmp_path):
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"method": "sdd"}, "not implemented yet"),
+    ({"method": "sdd_reject", "train": ProtectTrainConfig(sdd_refusal=" ")}, "needs a refusal sentence"),
+    ({"method": "sdd", "train": ProtectTrainConfig(sdd_max_similarity=1.5)}, "sdd_max_similarity must be in"),
     ({"method": "magic"}, "protect method must be one of"),
     ({"strength": 1.0}, "strength must be > 1"),
     ({"base": ""}, "needs --base"),

@@ -126,11 +126,17 @@ def _kill_when(proc, run: Path, step: int):
     pytest.fail("timed out waiting for a checkpoint")
 
 
-@pytest.mark.parametrize("complement", ["frozen", "project"])
-def test_sigkill_and_resume_is_exact(corpus, tmp_path, complement):
+VARIANT_SETTINGS = {"none": {}, "trap": {"pmp.trap_fraction": 0.5},  # trap steps 21..40: resumed inside at 30
+                    "illcond": {"pmp.scope": "linear"}}
+
+
+@pytest.mark.parametrize("complement, variant", [("frozen", "none"), ("project", "none"), ("frozen", "trap"),
+                                                 ("frozen", "illcond")])
+def test_sigkill_and_resume_is_exact(corpus, tmp_path, complement, variant):
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}"}
     # a pinned init seed makes the two runs comparable (it warns, as it should)
-    ov = tiny_overrides(corpus, **{"model.init_seed": 1234, "pmp.complement": complement})
+    ov = tiny_overrides(corpus, **{"model.init_seed": 1234, "pmp.complement": complement, "pmp.variant": variant,
+                                   **VARIANT_SETTINGS[variant]})
     args = ["pretrain", *sum([["--set", o] for o in ov], [])]
     full = tmp_path / "full"
     p = _cli([*args, "--out", str(full)], env)
@@ -139,9 +145,9 @@ def test_sigkill_and_resume_is_exact(corpus, tmp_path, complement):
 
     cut = tmp_path / "cut"
     p = _cli([*args, "--out", str(cut)], env)
-    _kill_when(p, cut, 10)  # killed during identification (resumes from an identify-phase checkpoint)
+    _kill_when(p, cut, 10)  # killed during identification (illcond: its dense phase, keyed from step 0)
     p = _cli([*args, "--out", str(cut), "--resume"], env)
-    _kill_when(p, cut, 30)  # killed during masked training
+    _kill_when(p, cut, 30)  # killed during masked training (trap: inside the trap window)
     p = _cli(["pretrain", "--out", str(cut), "--resume"], env)
     out = p.communicate()[0]
     assert p.returncode == 0, out
@@ -159,6 +165,11 @@ def test_sigkill_and_resume_is_exact(corpus, tmp_path, complement):
     if complement == "project":  # the resumed run projected (at identification, after its first kill) the same way
         rec = [json.loads((r / "private" / "complement.json").read_text()) for r in (full, cut)]
         assert rec[0] == rec[1] and rec[0]["mode"] == "project" and rec[0]["scale"] < 1
+    if variant != "none":  # the mask drawn (illcond) or identified (trap) before the kills is the one kept
+        assert PrivateMask.load(full / "private").fingerprint() == PrivateMask.load(cut / "private").fingerprint()
+        extra = "trap_loss" if variant == "trap" else "kappa_ratio"
+        assert [r[extra] for r in read_metrics(full) if extra in r] == [r[extra] for r in read_metrics(cut)
+                                                                        if extra in r]
     steps = [r["step"] for r in read_metrics(cut) if "loss" in r]
     assert steps == sorted(set(steps)), "metrics rows after the resumed checkpoint were duplicated"
 

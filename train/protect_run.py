@@ -1,4 +1,5 @@
-"""`pmp protect sophon | sophon_nlp | mlac`: train a finished run into a restricted-domain-protected run, resumably.
+"""`pmp protect sophon | sophon_nlp | mlac | sdd | sdd_reject`: train a finished run into a restricted-domain-
+protected run, resumably.
 
 Every input is checked and all data tokenized before anything is written. The protected run directory looks like
 any run to `pmp export`, `pmp attack` and the pipeline:
@@ -33,7 +34,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pmp.atomic import atomic_dir, owner_only, remove_leftovers, write_json, write_text
-from pmp.config import ProtectConfig, RunConfig, load_config
+from pmp.config import SDD_METHODS, ProtectConfig, RunConfig, load_config
 from pmp.dir_lock import exclusive
 from pmp.paths import overlaps
 from pmp.run_dir import RunDir
@@ -43,6 +44,7 @@ from pmp.train.logger import RunLogger
 from pmp.train.mlac import mlac_step
 from pmp.train.protect_data import Restricted, Retain, Sampler, load_restricted_task, load_retain, tokenize_restricted
 from pmp.train.restricted_forward import lm_loss, next_token
+from pmp.train.sdd import SddPairs, build_pairs, sdd_loss
 from pmp.train.sophon import suppression_gradient
 from pmp.typed_config import to_dict
 
@@ -71,10 +73,12 @@ def protect_by_training(cfg: ProtectConfig) -> Path:
                          "modelling domain: use method sophon for it, or pass a classification task")
     restricted = tokenize_restricted(task, tok, t.seq_len, t.seed)
     retain = load_retain(base.run_cfg, cfg.retain, tok, t.seq_len, t.batch_size, t.eval_batches, cache_dir)
+    pairs = None if cfg.method not in SDD_METHODS else \
+        build_pairs(restricted, retain, tok, t, t.sdd_refusal if cfg.method == "sdd_reject" else "")
     model = AutoModelForCausalLM.from_pretrained(str(base.model), dtype=torch.float32).train()
     with owner_only(), exclusive(out, "protected run directory"):
         remove_leftovers(out)
-        job = _Job(cfg, base, out, model, restricted, retain)
+        job = _Job(cfg, base, out, model, restricted, retain, pairs)
         job.run()
     return out
 
@@ -126,6 +130,8 @@ def _saved_config(cfg: ProtectConfig) -> dict:
     d.pop("resume")
     d["train"].pop("log_every")
     d["train"].pop("threads")
+    if cfg.method not in SDD_METHODS:  # irrelevant there; also keeps runs recorded before SDD existed resumable
+        d["train"] = {k: v for k, v in d["train"].items() if not k.startswith("sdd_")}
     return d
 
 
@@ -151,16 +157,22 @@ def _check_out(out: Path, cfg: ProtectConfig) -> None:
 # ---------------------------------------------------------------------------------------------- the run
 class _Job:
     def __init__(self, cfg: ProtectConfig, base: Base, out: Path, model: torch.nn.Module, restricted: Restricted,
-                 retain: Retain):
+                 retain: Retain, pairs: SddPairs | None = None):
         self.cfg, self.t, self.base, self.base_status, self.run_cfg = cfg, cfg.train, base, base.status, base.run_cfg
-        self.dir, self.model, self.restricted, self.retain = RunDir(out), model, restricted, retain
+        self.dir, self.model, self.restricted, self.retain, self.pairs = RunDir(out), model, restricted, retain, pairs
         t = self.t
         self.support = Sampler(restricted.size(), t.batch_size, t.seed * 7919 + 1)
         self.query = Sampler(restricted.size(), t.batch_size, t.seed * 7919 + 2)
         self.retain_batches = Sampler(len(retain.train), t.batch_size, t.seed * 7919 + 3)
+        self.samplers = ("support", "query", "retain_batches")
         self.gen = torch.Generator().manual_seed(t.seed)
         if cfg.method == "mlac":
             self.opts = {"joint": torch.optim.Adam(model.parameters(), lr=t.alpha * t.lr)}
+        elif pairs is not None:  # sdd, sdd_reject: SFT on (prompt, unrelated response) pairs + retain steps
+            self.pair_batches = Sampler(len(pairs), t.batch_size, t.seed * 7919 + 4)
+            self.samplers += ("pair_batches",)
+            self.opts = {"sft": torch.optim.Adam(model.parameters(), lr=t.alpha * t.lr),
+                         "ntr": torch.optim.Adam(model.parameters(), lr=t.beta * t.lr)}
         else:
             self.opts = {"fts": torch.optim.Adam(model.parameters(), lr=t.alpha * t.lr),
                          "ntr": torch.optim.Adam(model.parameters(), lr=t.beta * t.lr)}
@@ -172,13 +184,17 @@ class _Job:
         return {"step": self.step, "rollbacks": self.rollbacks, "wall_s": self.wall_s,
                 "token_passes": self.token_passes, "before": self.before,
                 "opts": {k: o.state_dict() for k, o in self.opts.items()},
-                "samplers": {k: getattr(self, k).state_dict() for k in ("support", "query", "retain_batches")},
-                "generator": self.gen.get_state(), "rng": rng_state()}
+                "samplers": {k: getattr(self, k).state_dict() for k in self.samplers},
+                "generator": self.gen.get_state(), "rng": rng_state(),
+                "sdd_pairs_sha256": self.pairs.sha256 if self.pairs is not None else ""}
 
     def _load(self, state: dict) -> None:
         self.step, self.rollbacks = int(state["step"]), int(state["rollbacks"])
         self.wall_s, self.token_passes = float(state["wall_s"]), int(state["token_passes"])
         self.before = dict(state["before"])
+        if state.get("sdd_pairs_sha256", "") != (self.pairs.sha256 if self.pairs is not None else ""):
+            raise ValueError(f"--resume: the SDD pairs rebuilt from the data differ from those {self.dir.root} was "
+                             "started with (a restricted or retain file changed?); start a new run")
         for k, o in self.opts.items():
             o.load_state_dict(state["opts"][k])
         for k, s in state["samplers"].items():
@@ -237,17 +253,24 @@ class _Job:
             self._clip_and_step(self.opts["joint"])
             self.token_passes += bt * (3 if t.mlac_adversary == "head" else 2 * t.inner_steps + 2)
             return info
-        grads, info = suppression_gradient(self.model, self.restricted, self.support, self.query, t, self.gen)
-        for n, p in self.model.named_parameters():
-            p.grad = grads.get(n)
-        self._clip_and_step(self.opts["fts"])
+        if self.pairs is not None:  # sdd, sdd_reject: one SFT step on the response tokens (train/sdd.py)
+            loss = sdd_loss(self.model, self.pairs.batch(self.pair_batches.next()))
+            loss.backward()
+            self._clip_and_step(self.opts["sft"])
+            info, passes = {"sdd_loss": float(loss.detach())}, 1
+        else:
+            grads, info = suppression_gradient(self.model, self.restricted, self.support, self.query, t, self.gen)
+            for n, p in self.model.named_parameters():
+                p.grad = grads.get(n)
+            self._clip_and_step(self.opts["fts"])
+            passes = 2 * t.inner_steps + 1
         retain = []
         for _ in range(t.ntr_steps):
             loss = lm_loss(self.model, self._retain_batch())
             loss.backward()
             self._clip_and_step(self.opts["ntr"])
-            retain.append(float(loss))
-        self.token_passes += bt * (2 * t.inner_steps + 1 + t.ntr_steps)
+            retain.append(float(loss.detach()))
+        self.token_passes += bt * (passes + t.ntr_steps)
         return {**info, "retain_loss": sum(retain) / len(retain) if retain else float("nan")}
 
     # ------------------------------------------------------------------ driver
@@ -292,6 +315,11 @@ class _Job:
               f"({self.restricted.kind}, {self.restricted.size():,} train examples/blocks), retain "
               f"{self.retain.corpus} ({len(self.retain.train):,} blocks); retain perplexity before "
               f"{self.before['retain_ppl']:.2f}")
+        if self.pairs is not None:
+            p = self.pairs.stats
+            print(f"[protect] sdd pairs: {p['pairs']:,} of {p['prompts']:,} prompts ({p['dropped_prompts']:,} had no "
+                  f"passage within TF-IDF cosine {p['max_similarity_bound']}), {p['distinct_passages']:,} distinct "
+                  f"passages of a pool of {p['pool']:,}, mean similarity {p['mean_similarity']:.3f}")
 
     def _loop(self, log: RunLogger) -> None:
         t, limit = self.t, self.before["retain_ppl"] * (1 + self.t.retain_tolerance)
@@ -317,9 +345,12 @@ class _Job:
                 write_json(self.dir.status, {**self.dir.read_status(), "protect_step": self.step})
 
     def _line(self, row: dict) -> str:
-        s = (f"step {row['step']:5d} | {self.cfg.method} | suppression {row['suppression']:.4f} | attacker loss "
-             f"{row['attacker_loss']:.3f} ({row['inner_optimizer']} {row['inner_lr']:.1e}) | retain loss "
-             f"{row['retain_loss']:.3f}")
+        if "sdd_loss" in row:
+            s = f"step {row['step']:5d} | {self.cfg.method} | response loss {row['sdd_loss']:.4f}"
+        else:
+            s = (f"step {row['step']:5d} | {self.cfg.method} | suppression {row['suppression']:.4f} | attacker loss "
+                 f"{row['attacker_loss']:.3f} ({row['inner_optimizer']} {row['inner_lr']:.1e})")
+        s += f" | retain loss {row['retain_loss']:.3f}"
         if "retain_ppl" in row:
             s += f" | retain ppl {row['retain_ppl']:.2f} {'ok' if row['accepted'] else 'ROLLED BACK'}"
         return s
@@ -343,6 +374,8 @@ class _Job:
                      "pretrain_token_passes": pretrain_passes,
                      "x_pretraining": round(self.token_passes / pretrain_passes, 3) if pretrain_passes else None},
         }
+        if self.pairs is not None:
+            status["sdd"] = self.pairs.stats
         if not self.cfg.retain:  # the held-out split of the base's own corpus: what the model card reports
             status["final_val_ppl"] = after["retain_ppl"]
         write_json(run.status, status)

@@ -56,6 +56,7 @@ from pmp.train.checkpoint import (
 )
 from pmp.train.distributed import DistContext, process_group, resolve_device, resolve_parallel
 from pmp.train.fsdp import ShardedMaskedAdamW, copy_full_, gather_state_dict, local, own_part, shard_model
+from pmp.train.illcond import IllCond, channel_mask, draw_key, key_of, key_seed
 from pmp.train.logger import RunLogger, memory_mb
 from pmp.train.optim_state import (
     MOMENTS,
@@ -67,6 +68,7 @@ from pmp.train.optim_state import (
 )
 from pmp.train.parallel import release, wrap_dense, wrap_masked
 from pmp.train.run_setup import follow_run, prepare_run
+from pmp.train.trap import Trap, hold_out
 from pmp.weight_decay import param_groups
 
 MAX_SKIPS_IN_A_ROW = 10  # with train.skip_nonfinite_batches: more non-finite batches in a row stop the run
@@ -140,6 +142,10 @@ class Trainer:
         # bad batch / mode for this number of ranks: refused on every rank before anything is written
         self.batches = RankBatches.plan(t.batch_size, t.grad_accum, self.ctx.rank, self.ctx.world)
         resolve_parallel(t.parallel, self.ctx.world, 0)
+        self.variant = cfg.pmp.variant if t.method == "pmp" else "none"  # a dense run never reads the pmp section
+        if self.variant != "none" and self.ctx.distributed:
+            raise ValueError(f"pmp.variant={self.variant} runs in one process for now (its extra passes are not "
+                             "data-parallel): run it without torchrun, or use pmp.variant=none")
         # rank 0 checks the directory again, under the lock; the others only read what rank 0 writes
         self.run = open_run(out, cfg, resume) if self.ctx.is_main else RunDir(Path(out))
         prepared = {}
@@ -156,7 +162,10 @@ class Trainer:
         self.ctx.agree("initial weights", json.loads(self.run.init_record.read_text())["sha256"],
                        "every rank must read the run directory rank 0 writes")
 
-        self.stream = BatchStream(self.train_blocks, t.batch_size, t.data_seed)
+        blocks, sim_blocks = self.train_blocks, None
+        if self.variant == "trap":  # D_sim: the last training blocks, never in the batch stream (train/trap.py)
+            blocks, sim_blocks = hold_out(blocks, cfg.pmp.trap_holdout, t.batch_size)
+        self.stream = BatchStream(blocks, t.batch_size, t.data_seed)
         self.model = build_model(self.hf_cfg, 0)
         self.model.load_state_dict(self.init_state)
         self.model.to(self.device)
@@ -168,7 +177,7 @@ class Trainer:
         self.net: torch.nn.Module | None = None  # what the training forward calls: the model or its DDP wrapper
 
         self.step = 0
-        self.phase = "dense" if t.method == "dense" else "identify"
+        self.phase = "dense" if t.method == "dense" or self.variant == "illcond" else "identify"
         self.identifier: MaskIdentifier | None = None
         self.masked: MaskedModel | None = None
         self.mask: PrivateMask | None = None
@@ -176,6 +185,12 @@ class Trainer:
         self.optimizer = self._dense_optimizer()
         if self.phase == "identify":
             self.identifier = self._new_identifier()
+        self.trap = self.illcond = None
+        self._key_masks: dict[str, torch.Tensor] | None = None
+        if self.variant == "trap":
+            self.trap = Trap(cfg.pmp, sim_blocks, t.batch_size, t.data_seed, t.steps, self._autocast)
+        if self.variant == "illcond":
+            self._set_channel_key(resume)
         ckpt = self.ctx.main_first(lambda: _latest(self.run.checkpoints) if resume else None)
         if ckpt is not None:
             self._restore(Path(ckpt))
@@ -199,6 +214,22 @@ class Trainer:
         if self.mode == "fsdp":  # compaction inside the optimizer, on each rank's shard (train/fsdp.py)
             return ShardedMaskedAdamW(self.model, self.mask, **hyper)
         return MaskedAdamW(self.masked, **hyper)
+
+    def _set_channel_key(self, resume: bool) -> None:
+        """pmp.variant=illcond: the run's secret channel mask, drawn once from the run's secret init seed (OS entropy
+        unless pinned: a pinned seed reproduces the key, and makes it as public as the init) and saved before
+        training (a resume reads it back: owner secrets are never redrawn), and the regulariser keyed by it."""
+        p = self.cfg.pmp
+        if resume and self.run.has_mask():
+            self.mask = PrivateMask.load(self.run.private)
+            self.mask.check_matches(self.model)
+        else:
+            key = draw_key(self.model, masked_scope(self.model, "linear"), p.density, key_seed(self.run.init_seed()))
+            meta = {"density": p.density, "scope": "linear", "selection": "input_channels", "scorer": "random",
+                    "variant": "illcond", "identification_step": 0}
+            self.mask = channel_mask(self.model, key, meta)
+            self.ctx.main_first(lambda: self.mask.save(self.run.private))
+        self.illcond = IllCond(self.model, key_of(self.mask), p.illcond_ill_weight, p.illcond_well_weight)
 
     def _new_identifier(self) -> MaskIdentifier:
         named = dict(self.model.named_parameters())
@@ -228,6 +259,9 @@ class Trainer:
         by_kind = self.mask.density_by_kind()
         self.log.echo("[pmp] mask density by kind: " + ", ".join(f"{k} {v:.3f}" for k, v in by_kind.items()))
         self.log.log({"step": self.step, "phase": "identify", "mask_density_by_kind": by_kind})
+        if self.variant == "trap":  # nothing is rewound or frozen: dense training goes on, keyed by the mask
+            self.identifier, self.phase = None, "dense"
+            return
         plan = self.ctx.main_first(self._plan_complement)  # rank 0 decides (and records) it for every rank
         if p.rewind:  # pmp.complement=project needs it (config check)
             self._load_weights(self.init_state)
@@ -317,6 +351,8 @@ class Trainer:
             self.skipped_in_a_row = 0
             rec = self.identifier.observe(self.step + 1) if self.phase == "identify" else None
             step_phase = self.phase
+            if self.trap is not None and self.trap.active(self.step):
+                self.trap.add_grads_(self.model, self._trap_masks(), self.step)
             grad_norm = self._clip()
             if not math.isfinite(grad_norm):
                 self._non_finite("gradient norm", grad_norm, skippable=False)
@@ -339,6 +375,8 @@ class Trainer:
                 mem = self.ctx.max(memory_mb(self.device))
                 row = {"step": self.step, "phase": step_phase, "loss": window_loss / window_steps, "lr": lr,
                        "grad_norm": grad_norm, "tokens_per_s": toks / dt, "mem_mb": mem}
+                for extra in (self.trap, self.illcond):  # the variants' terms (absent without a variant)
+                    row.update(extra.pop_window() if extra is not None else {})
                 self.log.log(row, f"step {self.step:6d} | {step_phase:8s} | loss {row['loss']:.4f} | lr {lr:.2e} | "
                                   f"{row['tokens_per_s']:8.0f} tok/s | mem {row['mem_mb']:.0f} MB")
                 window_loss, window_steps, t0, toks = 0.0, 0, time.perf_counter(), 0
@@ -382,14 +420,26 @@ class Trainer:
             batch = self.stream.take(idx).to(self.device)
             last = i == len(micro) - 1
             with nullcontext() if last or self.mode != "ddp" else self.net.no_sync():  # reduce once per step
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16()):
+                with self._autocast():
                     loss = self.net(input_ids=batch, labels=batch).loss
-                (loss / len(micro)).backward()
+                # pmp.variant=illcond: its regulariser of this forward's layer inputs (the LM loss is what is logged)
+                objective = loss if self.illcond is None else loss + self.illcond.penalty()
+                (objective / len(micro)).backward()
             total += loss.item() / len(micro)
         return self.ctx.sum([total])[0] / self.ctx.world if self.ctx.distributed else total
 
     def _bf16(self) -> bool:
         return self.cfg.train.bf16 and self.device.type == "cuda"
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16())
+
+    def _trap_masks(self) -> dict[str, torch.Tensor]:
+        """The mask of every masked parameter, laid out like it (pmp.variant=trap's owner step)."""
+        if self._key_masks is None:
+            named = dict(self.model.named_parameters())
+            self._key_masks = {n: shaped_like(m, named[n]) for n, m in self.mask.to_bool().items()}
+        return self._key_masks
 
     def _clip(self) -> float:
         clip = self.cfg.train.grad_clip
@@ -411,20 +461,23 @@ class Trainer:
         if self.mode == "fsdp":  # every rank runs as many forwards (each one all-gathers): pad with ignored batches
             rounds = -(-len(slices) // self.ctx.world)
             mine = mine + [None] * (rounds - len(mine))
-        for s in mine:
-            batch = torch.from_numpy(self.val_blocks[s if s is not None else slices[0]].astype("int64"))
-            batch = batch.to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16()):
-                loss = float(self.model(input_ids=batch, labels=batch).loss)
-            if s is not None:
-                total, count = total + loss * len(batch), count + len(batch)  # the last batch may be smaller
+        with self.illcond.measure() if self.illcond is not None else nullcontext():
+            for s in mine:
+                batch = torch.from_numpy(self.val_blocks[s if s is not None else slices[0]].astype("int64"))
+                batch = batch.to(self.device)
+                with self._autocast():
+                    loss = float(self.model(input_ids=batch, labels=batch).loss)
+                if s is not None:
+                    total, count = total + loss * len(batch), count + len(batch)  # the last batch may be smaller
         if self.ctx.distributed:
             total, count = self.ctx.sum([total, count])
         self.model.train()
         val = total / max(count, 1)
-        self.log.log({"step": self.step, "phase": self.phase, "val_loss": val, "val_ppl": math.exp(val)},
-                     f"step {self.step:6d} | {self.phase:8s} | held-out loss {val:.4f} | "
-                     f"perplexity {math.exp(val):.2f}")
+        row = {"step": self.step, "phase": self.phase, "val_loss": val, "val_ppl": math.exp(val)}
+        kappa = self.illcond.kappa_metrics() if self.illcond is not None else {}
+        self.log.log({**row, **kappa}, f"step {self.step:6d} | {self.phase:8s} | held-out loss {val:.4f} | "
+                     f"perplexity {math.exp(val):.2f}"
+                     + (f" | kappa(K_c)/kappa(K_m) {kappa['kappa_ratio']:.3g}" if kappa else ""))
         self.last_val = val
         return val
 
@@ -444,6 +497,8 @@ class Trainer:
                  "stream": self.stream.state_dict(), "rng": rng_state()}
         if self.identifier is not None:
             state["identifier"] = self.identifier.state_dict()
+        if self.mask is not None and self.phase != "masked":  # a variant's dense phase, keyed by the mask
+            state["mask_sha256"] = self.mask.fingerprint()
         if self.phase == "masked":
             state["mask_sha256"] = self.mask.fingerprint()
             state["mask_words"] = {n: lay.packed_bytes().cpu() for n, lay in self.mask.layouts.items()}
@@ -505,6 +560,13 @@ class Trainer:
             self.ctx.main_first(self._check_complement_record)
             self.phase = "masked"
             self._enter_masked_phase(self.phase_start)
+        elif "mask_sha256" in state:  # pmp.variant=trap after identification, or illcond (its key is loaded)
+            self.identifier = None
+            if self.mask is None:
+                self.mask = PrivateMask.load(self.run.private)
+            if self.mask.fingerprint() != state["mask_sha256"]:
+                raise ValueError(f"checkpoint {path} was trained with a different mask than {self.run.private}: "
+                                 "refusing to resume (restore the run's own private/mask.* files)")
         sharded = None
         if is_sharded(path):  # an FSDP checkpoint: the moments (and scores) come from dcp/, cut for this job
             sharded = {f"optim.{k}": v for k, v in self._named_optimizer_state(zeros=True)[1].items()}
