@@ -28,7 +28,8 @@ def run_attack(cfg: AttackConfig) -> dict:
                          "none: use --suite durable (or a suite file with a durable section)")
     models = resolve_models(cfg.models, cfg.private, cfg.baseline, scratch=cfg.scratch, recovered=cfg.recovered,
                             matched=cfg.matched)
-    tasks = resolve_tasks(cfg.tasks, cfg.cache_dir, cfg.task_file, cfg.text_column, cfg.label_column, cfg.lm_file)
+    tasks = resolve_tasks(cfg.tasks, cfg.cache_dir, cfg.task_file, cfg.text_column, cfg.label_column, cfg.lm_file,
+                          cfg.verbalisers)
     refuse_output_over(cfg.out,
                        releases={**{f"the release --models {n}": p for n, p in cfg.models.items()},
                                  **{f"the recovered mask --recovered {n}": p for n, p in cfg.recovered.items()}},

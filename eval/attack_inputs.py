@@ -1,5 +1,5 @@
 """The inputs of `pmp attack`: releases (+ the owner's private runs, recovered masks, the from-scratch
-reference) as `ModelSpec`s with roles, and task names or files as `TaskData`.
+reference) as `ModelSpec`s with roles, and task names (`TASK`, `TASK:lm`, `TASK:text`) or files as `TaskData`.
 
 Models: `--models NAME=PATH` releases (any HF causal-LM directory with a tokenizer), `--private NAME=RUN` the
 owner's run directory for the PMP model(s) (enables `authorized` attacks and gives the random-mask density), and
@@ -13,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pmp.data.task_formulations import formulate, split_formulation
 from pmp.data.tasks import (
+    TASKS,
     TaskData,
     default_classification_tasks,
     default_lm_probe,
@@ -131,28 +133,56 @@ def _check_names(models: dict[str, str], private: dict[str, str], recovered: dic
 
 
 def resolve_tasks(names: str = "default", cache_dir: str = "", task_file: str = "", text_column: str = "text",
-                  label_column: str = "label", lm_file: str = "") -> list[TaskData]:
-    """TaskData for: the default tasks ('default'), a comma list of registered tasks, plus user files."""
+                  label_column: str = "label", lm_file: str = "",
+                  verbalisers: dict[str, str] | None = None) -> list[TaskData]:
+    """TaskData for: the default tasks ('default'), a comma list of registered tasks, plus user files. A name may
+    carry a formulation, `TASK:lm` (classification as language modelling) or `TASK:text` (the task's texts as an LM
+    domain), of a registered classification task or of the task file (by its stem); pmp/data/task_formulations.py.
+    `verbalisers`: TASK -> 'word1,word2,...' label words of `TASK:lm`. Every name is checked before any is loaded."""
+    verbalisers = verbalisers or {}
     wanted: list[str] = []
+    file_stem = Path(task_file).stem if task_file else None
     for n in [x.strip() for x in (names or "").split(",") if x.strip()]:
         if n == "default":
             # the LM probe first: it is where pre-training clearly helps (DESIGN.md, validity), so a partial
             # sweep has the most informative comparison
             wanted += [default_lm_probe()] + default_classification_tasks()
-        elif n in ("none", ""):
             continue
-        elif n not in list_tasks():
-            raise ValueError(f"unknown task {n!r}; valid tasks: default, none, {', '.join(list_tasks())} "
-                             "(or --task-file / --lm-file for your own data)")
-        else:
-            wanted.append(n)
+        if n in ("none", ""):
+            continue
+        base, form = split_formulation(n)
+        if base not in list_tasks() and not (form and base == file_stem):
+            raise ValueError(f"unknown task {n!r}; valid tasks: default, none, {', '.join(list_tasks())}, each "
+                             f"classification task also as TASK:lm or TASK:text (or --task-file / --lm-file for your "
+                             "own data)")
+        if form and base in TASKS and TASKS[base].kind != "classification":
+            raise ValueError(f"task {n!r}: {base} is an {TASKS[base].kind} task; ':{form}' reads a classification "
+                             f"task (name {base} without a suffix)")
+        wanted.append(n)
+    wanted = list(dict.fromkeys(wanted))
+    as_lm = {split_formulation(n)[0] for n in wanted if split_formulation(n)[1] == "lm"}
+    stray = sorted(set(verbalisers) - as_lm)
+    if stray:
+        raise ValueError(f"verbalisers given for {stray}, but no such TASK:lm task is attacked (tasks: "
+                         f"{', '.join(wanted) or 'none'}); add it to --tasks as e.g. {stray[0]}:lm")
     # user files first: they fail fast (missing columns) before any slow loading
     tasks = []
+    file_task = None
     if task_file:
-        tasks.append(load_task_file(task_file, text_column, label_column))
+        file_task = load_task_file(task_file, text_column, label_column)
+        tasks.append(file_task)
     if lm_file:
         tasks.append(lm_task_from_text(lm_file))
-    tasks += [load_task(n, cache_dir) for n in dict.fromkeys(wanted)]
+    loaded: dict[str, TaskData] = {}
+    for n in wanted:
+        base, form = split_formulation(n)
+        if form and file_task is not None and base == file_stem:
+            src = file_task
+        else:
+            if base not in loaded:
+                loaded[base] = load_task(base, cache_dir)
+            src = loaded[base]
+        tasks.append(formulate(src, form, verbalisers.get(base)) if form else src)
     if not tasks:
         raise ValueError("no tasks: pass --tasks default|t1,t2 and/or --task-file / --lm-file")
     names_seen = [t.name for t in tasks]

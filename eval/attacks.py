@@ -2,13 +2,16 @@
 
 An `Attack` says *what* is trained (its `kind`) and *how* (optimizer, learning rate, schedule); a `Budget` says
 how much (steps, batch size, examples, sequence length, evaluation points). Budgets belong to the suite and are
-per task kind (classification / lm), so every attack in a suite spends the same budget unless it overrides
-`steps` -- gain ratios compare like with like.
+per task kind (classification / lm; classification as language modelling, `TASK:lm`, spends the classification
+budget), so every attack in a suite spends the same budget unless it overrides `steps` -- gain ratios compare like
+with like.
 
 Kinds (the new classification head is always trainable; it is random at the start of every cell):
   probe        frozen base, head only (classification). For the LM probe nothing is trained: the "probe" is the
                release's own perplexity on the held-out domain (training only lm_head would change the model's
-               output vocabulary map and mix a tiny fine-tune into the reference point).
+               output vocabulary map and mix a tiny fine-tune into the reference point). For classification as
+               language modelling (`TASK:lm`, eval/verbalised.py) neither: zero-shot likelihood scoring of the
+               label words. (The causal-LM task kinds have no new head: "+ head" below is then nothing.)
   full         every parameter
   lora         peft LoRA adapters on all linear layers (`target_modules="all-linear"`) + the head
   norm_bias    only 1-D parameters (norm weights, biases) + the head

@@ -16,8 +16,11 @@ from pmp.typed_config import check, doc
 @dataclass
 class AttackSettings:
     suite: str = doc("attack suite: quick | full | a suite YAML file (see `load_suite_file`)", "quick")
-    tasks: str = doc("default (the LM probe + default classification tasks) | none | comma list of task names",
-                     "default")
+    tasks: str = doc("default (the LM probe + default classification tasks) | none | comma list of task names; "
+                     "TASK:lm = a classification task as language modelling (label words scored by likelihood), "
+                     "TASK:text = its texts as a held-out LM domain", "default")
+    verbalisers: dict[str, str] = doc("TASK=word1,word2,...: the label words of TASK:lm, one per label in label "
+                                      "order (default: the registry's, else the label names)", default_factory=dict)
     task_file: str = doc("your labelled csv/jsonl/parquet classification task ('' = none)", "")
     text_column: str = doc("text column of task_file", "text")
     label_column: str = doc("label column of task_file", "label")

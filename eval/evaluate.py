@@ -1,6 +1,7 @@
 """What an attack is measured by: the metric of each task kind and its evaluation on a prepared split.
 
 Classification: accuracy, HIGHER is better; the sequence-classification head reads the last real token.
+Classification as language modelling: accuracy of likelihood scoring of the label words (eval/verbalised.py).
 LM probe: perplexity (exp of the token-weighted mean loss), LOWER is better -- every consumer goes through
 `DIRECTION`. Shapes: B batch, T tokens, H hidden, N examples.
 """
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 from pmp.data.text_blocks import pad_batch
 from pmp.eval.task_data import PreparedTask
+from pmp.eval.verbalised import evaluate_verbalised
 
 EVAL_BATCH = 64
 
@@ -28,7 +30,12 @@ def evaluate(model, task: PreparedTask, split: str) -> dict:
     was_training = model.training
     model.eval()
     data = getattr(task, split)
-    out = _evaluate_lm(model, data) if task.kind == "lm" else _evaluate_classification(model, data, task.pad_id)
+    if task.kind == "lm":
+        out = _evaluate_lm(model, data)
+    elif task.kind == "lm_classification":
+        out = evaluate_verbalised(model, data, task.targets, task.pad_id)
+    else:
+        out = _evaluate_classification(model, data, task.pad_id)
     model.train(was_training)
     return out
 

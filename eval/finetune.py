@@ -4,7 +4,8 @@
 eval/attacks.py), evaluates val + test every `budget.eval_every` steps and at the last step, and returns the
 curve plus the two headline numbers: the test metric at the step that is best on the attacker's OWN validation
 split (a realistic attacker early-stops) and the final-step test metric. The head-only probe trains on cached
-frozen-base features (identical maths, ~100x cheaper); the LM "probe" trains nothing.
+frozen-base features (identical maths, ~100x cheaper); the LM "probe" and that of classification as language
+modelling (`TASK:lm`: zero-shot likelihood scoring of the label words) train nothing.
 
 Dense kinds (full, and the fine-tuning phase of the adaptive kinds heal_then_ft and reinit_complement, whose
 preparation eval/adaptive.py does first) train every parameter. The optimizers are torch's AdamW, Adam, SGD with
@@ -28,7 +29,7 @@ from pmp.eval.evaluate import evaluate, features
 from pmp.eval.metrics import better
 from pmp.eval.models import head_names
 from pmp.eval.task_batches import TrainBatches
-from pmp.eval.task_data import DIRECTION, METRIC, PreparedTask
+from pmp.eval.task_data import CAUSAL_LM_KINDS, DIRECTION, METRIC, PreparedTask
 from pmp.kernels import MaskLayout
 from pmp.masked_state import MaskedModel
 from pmp.schedule import lr_at
@@ -94,7 +95,7 @@ class Trainables:
 
             cfg = LoraConfig(r=attack.lora_r, lora_alpha=attack.lora_alpha, target_modules="all-linear",
                              lora_dropout=0.0, modules_to_save=sorted({h.split(".")[0] for h in heads}) or None,
-                             task_type="CAUSAL_LM" if task_kind == "lm" else "SEQ_CLS")
+                             task_type="CAUSAL_LM" if task_kind in CAUSAL_LM_KINDS else "SEQ_CLS")
             self.model = get_peft_model(model, cfg)
         elif kind in ("random_mask", "authorized", "recovered_mask"):
             if not mask_layouts:
@@ -204,10 +205,11 @@ def _diverged(step: int, metric: str, direction: str) -> dict:
 
 
 def _probe(model, task: PreparedTask, attack: Attack, budget: Budget, seed: int, steps: int) -> dict:
-    """Frozen base. Classification: train only the head on cached features. LM: no training at all."""
+    """Frozen base. Classification: train only the head on cached features. LM and classification as language
+    modelling: no training at all (perplexity / zero-shot likelihood scoring of the label words)."""
     for p in model.parameters():
         p.requires_grad_(False)
-    if task.kind == "lm":
+    if task.kind in CAUSAL_LM_KINDS:
         pt = {"step": 0, "val": evaluate(model, task, "val"), "test": evaluate(model, task, "test")}
         return {"curve": [pt], "train_losses": [], "trainable_parameters": 0, "complement_unchanged": None}
     feats = {s: features(model, task, s) for s in ("train", "val", "test")}

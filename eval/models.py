@@ -1,6 +1,7 @@
 """Releases as attack inputs: check that a directory is a loadable causal LM with a tokenizer, and load it
-adapted to a task (a causal LM for the LM probe, a sequence classifier with a new seeded head otherwise), or the
-same architecture randomly initialised (the from-scratch reference).
+adapted to a task (a causal LM for the LM probe and for classification as language modelling, a sequence
+classifier with a new seeded head otherwise), or the same architecture randomly initialised (the from-scratch
+reference).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import torch
 import transformers
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from pmp.eval.task_data import CAUSAL_LM_KINDS
 
 
 def check_release(path: str | Path) -> Path:
@@ -75,16 +78,18 @@ def load_tokenizer(path: Path):
 def load_model(path: Path | None, task_kind: str, num_labels: int, seed: int, config_from: Path | None = None,
                pad_id: int | None = None) -> torch.nn.Module:
     """The release adapted to the task (path), or the same architecture randomly initialised (config_from).
+    LM and lm_classification tasks (CAUSAL_LM_KINDS) use the causal LM as it is, its own head included.
 
     The classification head (and, from scratch, everything) is initialised from `seed`."""
-    cls = AutoModelForCausalLM if task_kind == "lm" else AutoModelForSequenceClassification
-    kw = {} if task_kind == "lm" else {"num_labels": num_labels}
+    causal = task_kind in CAUSAL_LM_KINDS
+    cls = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    kw = {} if causal else {"num_labels": num_labels}
     torch.manual_seed(seed)
     src = path if path is not None else config_from
-    what = "causal LM" if task_kind == "lm" else "classifier"
+    what = "causal LM" if causal else "classifier"
     if path is not None:
         # a classifier replaces the LM head with a new, seeded `score` head: those keys may differ, nothing else
-        allowed = ((), ()) if task_kind == "lm" else (("score.",), ("lm_head.",))
+        allowed = ((), ()) if causal else (("score.",), ("lm_head.",))
         model = load_pretrained(cls, path, what, *allowed, pad_token_id=pad_id, **kw)
     else:
         try:
@@ -92,7 +97,7 @@ def load_model(path: Path | None, task_kind: str, num_labels: int, seed: int, co
             model = cls.from_config(cfg, dtype=torch.float32)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
             raise ValueError(f"model {src} cannot be loaded as a {what} ({type(e).__name__}: {str(e)[:300]})") from None
-    if task_kind != "lm" and not hasattr(model, "score"):
+    if not causal and not hasattr(model, "score"):
         raise ValueError(f"model {src}: its sequence-classification class has no `score` head; unsupported "
                          "architecture")
     model.config.pad_token_id = pad_id
@@ -132,5 +137,8 @@ def load_pretrained(cls, path: Path, what: str, new_keys: tuple[str, ...] = (), 
 
 
 def head_names(model: torch.nn.Module, task_kind: str) -> set[str]:
-    """Parameters of the new task head (always trainable): `score.*` for classification, none for LM."""
-    return set() if task_kind == "lm" else {n for n, _ in model.named_parameters() if n.startswith("score.")}
+    """Parameters of the new task head (always trainable): `score.*` for classification, none for the causal-LM
+    kinds (lm, lm_classification: the LM head is the model's own)."""
+    if task_kind in CAUSAL_LM_KINDS:
+        return set()
+    return {n for n, _ in model.named_parameters() if n.startswith("score.")}

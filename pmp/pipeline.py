@@ -102,7 +102,8 @@ def matched_dense_step(dense_run: Path, pmp_run: Path) -> dict | None:
     return {"step": step, "dense_ppl": ppl[step], "pmp_ppl": target}
 
 
-def _export_if_needed(run: Path, target: Path, step: int | None = None) -> Path:
+def export_if_needed(run: Path, target: Path, step: int | None = None) -> Path:
+    """The public release of `run` in `target`, exported unless it already holds one."""
     if (target / "config.json").is_file():
         print(f"[pipeline] {target} exists; skipping")
     else:
@@ -121,21 +122,41 @@ def _matched_baseline(runs: dict[str, Path], out: Path) -> dict | None:
     if not (target / "config.json").is_file():
         print(f"[pipeline] dense step {matched['step']} (held-out ppl {matched['dense_ppl']:.2f}) matches PMP's "
               f"final {matched['pmp_ppl']:.2f}")
-    _export_if_needed(runs["dense"], target, matched["step"])
+    export_if_needed(runs["dense"], target, matched["step"])
     return matched
 
 
-def _audit(cfg: PipelineConfig, release: Path, run: Path, out: Path) -> Path:
-    _stage("mask secrecy audit")
+def audit_if_needed(audit: AuditSettings, attack: AttackSettings, data_cache_dir: str, release: Path, run: Path,
+                    out: Path) -> Path:
+    """The mask secrecy audit of `release` against `run` in `out` (-> its audit.md), run unless audit.md exists.
+    Without audit text or task of its own it reads the attack's held-out LM file, if any; the data cache defaults
+    to the pre-training recipe's."""
     audit_md = out / "audit.md"
     if audit_md.is_file():
         print(f"[pipeline] {audit_md} exists; skipping")
         return audit_md
-    a = cfg.audit
-    text = a.text or ("" if a.task else cfg.attack.lm_file)  # the user's held-out text, if any, feeds the attacks
-    run_audit(AuditConfig(**{**dataclasses.asdict(a), "text": text, "cache_dir": a.cache_dir or cfg.data.cache_dir},
+    text = audit.text or ("" if audit.task else attack.lm_file)  # the user's held-out text, if any, feeds the attacks
+    run_audit(AuditConfig(**{**dataclasses.asdict(audit), "text": text,
+                             "cache_dir": audit.cache_dir or data_cache_dir},
                           release=str(release), private=str(run), out=str(out)))
     return audit_md
+
+
+def attack_config(attack: AttackSettings, data_cache_dir: str, **inputs) -> AttackConfig:
+    """The `pmp attack` config of a recipe's `attack:` settings and the given inputs (models, private, recovered,
+    baseline, matched, out); the data cache defaults to the pre-training recipe's."""
+    return AttackConfig(**{**dataclasses.asdict(attack), "cache_dir": attack.cache_dir or data_cache_dir}, **inputs)
+
+
+def prepare_data_if_needed(cfg: RunConfig, attack: AttackSettings) -> None:
+    """Fetch (or verify) the default corpus and tasks when the recipe or the attack uses them."""
+    if cfg.data.corpus == "default" or attack.tasks == "default":
+        prepare(cfg.data.cache_dir)
+
+
+def _audit(cfg: PipelineConfig, release: Path, run: Path, out: Path) -> Path:
+    _stage("mask secrecy audit")
+    return audit_if_needed(cfg.audit, cfg.attack, cfg.data.cache_dir, release, run, out)
 
 
 def run_pipeline(cfg: PipelineConfig, out: str | Path) -> Path:
@@ -147,7 +168,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path) -> Path:
     t0 = _T0[0] = time.perf_counter()
     if cfg.data.corpus == "default" or cfg.attack.tasks == "default":
         _stage("data")
-        prepare(cfg.data.cache_dir)
+    prepare_data_if_needed(cfg, cfg.attack)
 
     run_cfg = cfg.run_config()
     runs, releases = {}, {}
@@ -157,7 +178,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path) -> Path:
                                           out / "runs" / method)
     for method in ("dense", "pmp"):
         _stage(f"export ({method})")
-        releases[method] = _export_if_needed(runs[method], out / "releases" / method)
+        releases[method] = export_if_needed(runs[method], out / "releases" / method)
     matched = _matched_baseline(runs, out) if cfg.pipeline.matched_baseline else None
     if matched is not None:
         releases["dense_matched"] = out / "releases" / "dense_matched"
@@ -167,10 +188,9 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path) -> Path:
     recovered = {"pmp": str(out / "audit" / "recovered_mask")} if audit_md else {}
 
     _stage(f"attack (suite {cfg.attack.suite})")
-    settings = {**dataclasses.asdict(cfg.attack), "cache_dir": cfg.attack.cache_dir or cfg.data.cache_dir}
-    sweep = run_attack(AttackConfig(**settings, models={n: str(p) for n, p in releases.items()},
-                                    private={"pmp": str(runs["pmp"])}, recovered=recovered, baseline="dense",
-                                    matched="dense_matched" if matched else "", out=str(out / "attack")))
+    sweep = run_attack(attack_config(cfg.attack, cfg.data.cache_dir, models={n: str(p) for n, p in releases.items()},
+                                     private={"pmp": str(runs["pmp"])}, recovered=recovered, baseline="dense",
+                                     matched="dense_matched" if matched else "", out=str(out / "attack")))
     _stage("report")
     report = write_report(ReportConfig(results=str(out / "attack"), out=str(out / "report"), baseline="dense",
                                        protected=["pmp"]))

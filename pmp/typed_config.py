@@ -62,7 +62,10 @@ def _type_name(tp) -> str:
 
 
 def _coerce(value: Any, tp, key: str) -> Any:
-    """Check/convert a YAML or CLI value to the field's declared type."""
+    """Check/convert a YAML or CLI value to the field's declared type (`Any`: kept as given; the config's own
+    `validate` checks it, as `pmp.study.StudyConfig` does its variants' overrides against `RunConfig`)."""
+    if tp is Any:
+        return value
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)

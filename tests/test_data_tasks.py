@@ -23,6 +23,7 @@ from pmp.data import deb_archive, registry_fetch, task_splits, text_clean
 from pmp.data.cache import cache_root, expected_outputs, is_prepared, verify_outputs
 from pmp.data.corpus import load_documents, split_documents
 from pmp.data.registry_sources import BOOKS, DEBS, WHEEL_MEMBERS
+from pmp.data.task_formulations import formulate
 from pmp.data.tasks import (
     TASKS,
     default_classification_tasks,
@@ -258,6 +259,26 @@ def test_load_tasks_from_prepared_cache(tmp_path, fake_sources, capsys):
     assert all(("message" in x) for x in list(sms.train["text"])) and set(sms.train["label"]) == {0, 1}
 
 
+def test_task_texts_as_an_lm_domain_keep_the_fixed_split(tmp_path, fake_sources):
+    """`tweet_sentiment:text`: the tweets as a held-out LM domain, split by the task's own fixed text-hash split."""
+    cache = str(tmp_path / "cache")
+    tweets = load_task("tweet_sentiment", cache)
+    dom = formulate(tweets, "text")
+    assert (dom.name, dom.kind, dom.num_labels, dom.train.column_names) == ("tweet_sentiment:text", "lm", 0, ["text"])
+    assert list(dom.train["text"]) == list(tweets.train["text"])
+    assert list(dom.test["text"]) == list(tweets.test["text"])
+    norm = lambda texts: {" ".join(x.lower().split()) for x in texts}  # noqa: E731
+    assert not norm(dom.train["text"]) & norm(dom.test["text"]) and len(dom.test) > 0
+    # the split is the task's fixed one: a function of the texts alone, the same on every load
+    texts = list(tweets.train["text"]) + list(tweets.test["text"])
+    _, test_idx = fixed_split([" ".join(t.lower().split()) for t in texts], 0.2, task_splits.TEST_CAP)
+    assert norm(dom.test["text"]) == norm(texts[i] for i in test_idx)
+    again = formulate(load_task("tweet_sentiment", cache), "text")
+    assert list(again.test["text"]) == list(dom.test["text"])
+    with pytest.raises(ValueError, match="movie_dialog is a lm task"):
+        formulate(load_task("movie_dialog", cache), "text")
+
+
 def test_load_task_file(tmp_path):
     rows = [(f"review {i} text", ["neg", "pos"][i % 2]) for i in range(50)]
     rows += [("review 3 TEXT", "neg"), ("review 4 text", "pos")]  # conflict with 3 (pos), 4 (neg) -> both dropped
@@ -304,3 +325,32 @@ def test_real_tasks(name):
     t = load_task(name, REAL_CACHE)
     assert len(t.train) >= 0.8 * task_splits.TASK_MIN[name] if t.kind != "lm" else len(t.train) > 1000
     assert not set(t.train["text"]) & set(t.test["text"])
+
+
+@pytest.mark.slow
+@real_cache
+def test_real_tweets_as_an_lm_domain():
+    """The second LM domain: disjoint fixed splits, one tweet per row."""
+    dom = formulate(load_task("tweet_sentiment", REAL_CACHE), "text")
+    assert len(dom.train) >= 3000 and len(dom.test) >= 800
+    assert not set(dom.train["text"]) & set(dom.test["text"])
+    assert max(len(t) for t in [*dom.train["text"], *dom.test["text"]]) < 300
+
+
+def test_sms_parser_splits_messages_a_broken_quote_swallowed():
+    """The packaged sms csv: an unbalanced quote makes one field swallow the following 'ham<TAB>...' lines."""
+    from pmp.data.task_parsers import parse_sms  # noqa: PLC0415 - one parser, one test
+
+    blob = (b',spam,text\n0,0,"Wen u miss someone"" gdeve..\nham\tOk. I asked for money\nspam\tWIN a prize now\n'
+            b'ham\tline one\nline two of the same message"\n1,1,Free entry txt 8712\n2,0,plain\n')
+    assert parse_sms(blob) == [('Wen u miss someone" gdeve..', 0), ("Ok. I asked for money", 0),
+                               ("WIN a prize now", 1), ("line one\nline two of the same message", 0),
+                               ("Free entry txt 8712", 1), ("plain", 0)]
+
+
+@pytest.mark.slow
+@real_cache
+def test_real_sms_spam_is_one_message_per_row():
+    t = load_task("sms_spam", REAL_CACHE)
+    texts = [*t.train["text"], *t.test["text"]]
+    assert len(texts) >= 5000 and max(map(len, texts)) < 1000 and not any("\tham" in x or "ham\t" in x for x in texts)

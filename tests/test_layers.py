@@ -3,7 +3,7 @@
   pmp.kernels                       imports only torch, triton and the standard library
   core (pmp, pmp.data, release)     imports the core and pmp.kernels -- nothing above
   pmp.train, pmp.eval               import the core (and kernels), never each other
-  pmp.cli, pmp.pipeline             on top; nothing imports them (except `python -m pmp`)
+  pmp.cli, pmp.pipeline, pmp.study  on top; nothing imports them (except `python -m pmp`)
 and no import cycle among the package's modules.
 """
 
@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = {"pmp": ROOT / "pmp", "pmp.kernels": ROOT / "kernels", "pmp.train": ROOT / "train",
                 "pmp.eval": ROOT / "eval"}
-TOP = {"pmp.cli", "pmp.pipeline", "pmp.__main__"}
+TOP = {"pmp.cli", "pmp.pipeline", "pmp.study", "pmp.__main__"}
 KERNEL_THIRD_PARTY = {"torch", "triton"}
 
 

@@ -15,6 +15,7 @@ VERB_ARGS = {
     "prepare": (["data", "prepare"], "forse", "force"),
     "pretrain": (["pretrain", "--out", "RUN"], "train.stepz", "train.steps"),
     "pipeline": (["pipeline", "--out", "EXP"], "atack.suite", "attack"),
+    "study": (["study", "--out", "EXP"], "kill_abov", "kill_above"),
     "export": (["export", "RUN", "--out", "REL"], "dtpye", "dtype"),
     "verify-release": (["verify-release", "REL"], "privte", "private"),
     "prove-ownership": (["prove-ownership", "REL", "--private", "RUN"], "releese", "release"),
@@ -30,7 +31,7 @@ def test_every_verb_is_covered():
 
 
 def _with_recipe(argv: list[str], recipe: str) -> list[str]:
-    if argv[0] in ("pretrain", "pipeline"):
+    if argv[0] in ("pretrain", "pipeline", "study"):
         return [argv[0], recipe, *argv[1:]]
     return [*argv, "--config", recipe]
 

@@ -26,7 +26,7 @@ from pmp.data.registry_sources import BOOKS
 from pmp.data.task_registry import TASKS
 
 MANIFEST = "manifest.json"
-FORMAT = 1  # bump when the layout or normalization changes: old caches are then rebuilt
+FORMAT = 2  # bump when the layout or normalization changes: old caches are then rebuilt (2: sms_spam parser fix)
 
 
 def cache_root(cache_dir: str = "") -> Path:

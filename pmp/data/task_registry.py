@@ -15,6 +15,8 @@ class TaskSpec:
     description: str
     label_names: tuple[str, ...] = ()
     default: bool = False  # part of default_classification_tasks() / default_lm_probe()
+    verbalisers: tuple[str, ...] = ()  # the words that name each label when the task is read as language modelling
+    # (`TASK:lm`, pmp/data/task_formulations.py); empty = the label names themselves
 
     @property
     def subdir(self) -> str:
@@ -25,7 +27,8 @@ TASKS: dict[str, TaskSpec] = {
     "movie_sentiment": TaskSpec("classification", "movie-review sentence sentiment (Hutto & Gilbert 2014), "
                                 "negative/positive, neutral dropped", ("negative", "positive"), default=True),
     "trec": TaskSpec("classification", "TREC question type, 6 coarse classes",
-                     ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"), default=True),
+                     ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"), default=True,
+                     verbalisers=("abbreviation", "description", "entity", "human", "location", "number")),
     "sms_spam": TaskSpec("classification", "SMS spam vs ham (an easy sanity task)", ("ham", "spam"), default=True),
     "tweet_sentiment": TaskSpec("classification", "tweet sentiment (Hutto & Gilbert 2014), negative/positive",
                                 ("negative", "positive"), default=True),

@@ -30,11 +30,12 @@ LM_CHUNK_CHARS = 2_000  # rows of an LM task: ~2 k chars of consecutive exchange
 @dataclass
 class TaskData:
     name: str
-    kind: str  # 'classification' | 'lm'
+    kind: str  # 'classification' | 'lm' | 'lm_classification' (a classification task read as language modelling)
     train: datasets.Dataset  # columns: text (+ label, a ClassLabel, for classification)
     test: datasets.Dataset
     num_labels: int  # 0 for 'lm'
     label_names: list[str] = field(default_factory=list)
+    verbaliser: list[str] = field(default_factory=list)  # lm_classification: the word(s) naming each label
 
 
 def list_tasks() -> list[str]:

@@ -1,0 +1,264 @@
+"""`pmp study`: many PMP variants on the same data and budget, each attacked with the same suite and audited, and
+the protection frontier they draw (eval/frontier.py: held-out perplexity cost against best-attack gain ratio).
+
+For every pre-training seed s (`seeds`): a dense reference run and one run per variant (the base recipe with the
+variant's overrides), all with train.data_seed = s -- identical batches -- then their releases, the mask secrecy
+audit of each variant's release, and ONE attack sweep over the dense release, every variant's release and the
+from-scratch reference (so dense and from-scratch cells are shared by all variants of the seed). Every stage
+reuses the pipeline's resumable pieces (pmp/pipeline.py) and is skipped when done; frontier.* is rewritten after
+each seed's attack, so an interrupted study has a partial frontier.
+
+DIR/
+  study.yaml                    the resolved study of the last call
+  runs/s<seed>/<name>/          private run directories (never publish): dense and every variant
+  releases/s<seed>/<name>/      public releases
+  audit/s<seed>/<variant>/      audit.md / audit.json / recovered_mask/ (private: it describes the mask)
+  attack/s<seed>/               one results JSON per (model, task, attack, fine-tuning seed) cell
+  stages.json                   the wall time of the call that completed each stage
+  frontier.md, frontier.png, frontier.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from pmp.atomic import write_json, write_text
+from pmp.config import RunConfig
+from pmp.eval import metrics as M
+from pmp.eval.attack import run_attack
+from pmp.eval.attack_inputs import SCRATCH
+from pmp.eval.attacks import get_suite
+from pmp.eval.config import AttackSettings, AuditSettings
+from pmp.eval.frontier import BASELINE, frontier, seed_points
+from pmp.eval.frontier_report import write_frontier
+from pmp.pipeline import (
+    attack_config,
+    audit_if_needed,
+    export_if_needed,
+    prepare_data_if_needed,
+    pretrain_if_needed,
+)
+from pmp.run_dir import BOOKKEEPING, RunDir, config_difference
+from pmp.typed_config import check, doc, dump_yaml, from_dict, set_dotted, to_dict
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+# What a variant may not change: the comparison is at the same data, budget, seed and held-out measurement.
+FIXED_SECTIONS = ("data", "tokenizer", "model")
+FIXED_TRAIN = ("method", "steps", "batch_size", "grad_accum", "data_seed", "eval_batches")
+
+
+@dataclass
+class StudyConfig(RunConfig):
+    """A base pre-training recipe (the RunConfig sections), the pre-training seeds, the PMP variants and the
+    evaluation every variant gets (attack suite and tasks, audit, kill criterion)."""
+    seeds: list[int] = doc("pre-training seeds: seed s sets train.data_seed = s (equal batches for every run of the "
+                           "seed) and, where the recipe pins model.init_seed, init seed + s; one dense reference and "
+                           "one run per variant at each", default_factory=lambda: [0])
+    variants: dict[str, dict[str, Any]] = doc(
+        "NAME: {section.key: value, ...} -- one PMP run per variant and seed: the base recipe with these overrides "
+        "(e.g. trap: {pmp.variant: trap}; {} = the base PMP recipe). Keys of the pmp and train sections only, never "
+        f"data/tokenizer/model nor train.{'/'.join(FIXED_TRAIN)}: every variant has the dense run's data and budget",
+        default_factory=dict)
+    kill_above: float = doc("kill criterion: a variant is killed where the lower end of the bootstrap interval of its "
+                            "best-attack gain ratio on a valid task is above this (eval/frontier.py KILL_RULE)", 0.8)
+    audit_variants: bool = doc("audit every variant's release (the frontier's AUROC column; its recovered mask feeds "
+                               "recovered_mask attacks)", True)
+    attack: AttackSettings = field(default_factory=AttackSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+
+    def validate(self) -> StudyConfig:
+        """The base recipe, every run it implies (dense and each variant at each seed) and the evaluation settings;
+        errors name the variant or seed."""
+        super().validate()
+        self.attack.validate()
+        self.audit.validate()
+        check(bool(self.seeds), "seeds must list at least one pre-training seed, e.g. seeds: [0, 1]")
+        check(all(s >= 0 for s in self.seeds), "seeds must be integers >= 0 (they become train.data_seed), got {}",
+              self.seeds)
+        check(len(set(self.seeds)) == len(self.seeds), "seeds lists a seed twice: {}", self.seeds)
+        check(0 < self.kill_above, "kill_above must be > 0 (a gain ratio: 1 = the attacker gains as much as on the "
+              "dense model), got {}", self.kill_above)
+        check(bool(self.variants), "variants is empty: name at least one PMP variant, e.g. variants: {{frozen: {{}}, "
+              "trap: {{pmp.variant: trap}}}}")
+        seen: dict[str, str] = {}
+        for name in self.variants:
+            check(bool(NAME.match(name)) and "__" not in name and name not in (BASELINE, SCRATCH),
+                  "variant name {!r} must be letters, digits, '_' or '-' (no '__'), and not {!r} or {!r} (it names "
+                  "directories and result files)", name, BASELINE, SCRATCH)
+            key = json.dumps(_compared(self.variant_config(name, self.seeds[0])), sort_keys=True)
+            check(key not in seen, "variants {!r} and {!r} train the same model (same resolved recipe); drop one",
+                  seen.get(key), name)
+            seen[key] = name
+        for s in self.seeds:
+            self.dense_config(s).validate()
+        return self
+
+    def run_config(self) -> RunConfig:
+        return RunConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RunConfig)})
+
+    def _seeded(self, cfg: RunConfig, seed: int, method: str) -> RunConfig:
+        init = None if cfg.model.init_seed is None else cfg.model.init_seed + seed
+        return replace(cfg, train=replace(cfg.train, method=method, data_seed=seed),
+                       model=replace(cfg.model, init_seed=init))
+
+    def dense_config(self, seed: int) -> RunConfig:
+        """The dense reference of a seed: the base recipe, method dense."""
+        return self._seeded(self.run_config(), seed, "dense")
+
+    def variant_config(self, name: str, seed: int) -> RunConfig:
+        """The base recipe with the variant's overrides, method pmp, at the seed; validated (errors name it)."""
+        overrides = _flat(self.variants[name])
+        data = to_dict(self.run_config())
+        for key, value in overrides.items():
+            section, _, rest = key.partition(".")
+            check(section not in FIXED_SECTIONS, "variant {!r}: {} is not a variant setting -- every variant and the "
+                  "dense reference share the data, tokenizer and model of the base recipe", name, key)
+            check(not (section == "train" and rest in FIXED_TRAIN), "variant {!r}: {} is fixed by the study (the "
+                  "method is pmp, the seed comes from `seeds`, and every run has the same budget and held-out "
+                  "measurement)", name, key)
+            check(section in ("pmp", "train") and bool(rest), "variant {!r}: {!r} is not a pmp.* or train.* key",
+                  name, key)
+            set_dotted(data, key.split("."), value, f"variant {name!r}: {key}")
+        try:
+            cfg = self._seeded(from_dict(RunConfig, data), seed, "pmp")
+            return cfg.validate()
+        except ValueError as e:
+            raise ValueError(f"variant {name!r}: {e}") from None
+
+
+def _flat(overrides: dict, prefix: str = "") -> dict[str, Any]:
+    """{'pmp.density': 0.5} and {'pmp': {'density': 0.5}} alike -> dotted keys."""
+    out = {}
+    for k, v in overrides.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _compared(cfg: RunConfig) -> dict:
+    """The recipe without bookkeeping settings (two variants equal in it train the same model)."""
+    d = to_dict(cfg)
+    for section, keys in BOOKKEEPING.items():
+        for k in keys:
+            d[section].pop(k, None)
+    return d
+
+
+# ---------------------------------------------------------------------------------------------- stage ledger
+class Ledger:
+    """DIR/stages.json: per stage, the wall time of the call that did its work. A stage found done keeps the
+    record of the call that did it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.rows: dict[str, dict] = json.loads(path.read_text()) if path.is_file() else {}
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{path} is not readable JSON: delete it (it only records wall times; finished stages "
+                             "are found from their outputs) and run the study again") from None
+        self.this_call: dict[str, str] = {}
+
+    def run(self, stage: str, fn: Callable[..., tuple[Any, bool]], *args) -> Any:
+        """`fn(*args)` -> (result, whether it did work); record its wall time when it did -> the result."""
+        print(f"\n[study] ==== {stage} ====", flush=True)
+        t0 = time.perf_counter()
+        result, worked = fn(*args)
+        if worked:
+            self.rows[stage] = {"seconds": time.perf_counter() - t0,
+                                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            write_json(self.path, self.rows)
+        self.this_call[stage] = "ran" if worked else "skipped"
+        return result
+
+    def table(self) -> list[dict]:
+        return [{"stage": s, **self.rows.get(s, {"seconds": None, "finished_at": None}), "this_call": how}
+                for s, how in self.this_call.items()]
+
+
+# ---------------------------------------------------------------------------------------------- stages
+def _pretrain(cfg: RunConfig, run: Path) -> tuple[Path, bool]:
+    r = RunDir(run)
+    done = r.is_run() and r.read_status().get("status") == "finished"
+    return pretrain_if_needed(cfg, run), not done
+
+
+def _export(run: Path, release: Path) -> tuple[Path, bool]:
+    done = (release / "config.json").is_file()
+    return export_if_needed(run, release), not done
+
+
+def _audit(cfg: StudyConfig, release: Path, run: Path, out: Path) -> tuple[Path, bool]:
+    done = (out / "audit.md").is_file()
+    return audit_if_needed(cfg.audit, cfg.attack, cfg.data.cache_dir, release, run, out), not done
+
+
+def _attack(cfg: StudyConfig, releases: dict[str, Path], runs: dict[str, Path], recovered: dict[str, str],
+            out: Path) -> tuple[dict, bool]:
+    sweep = run_attack(attack_config(cfg.attack, cfg.data.cache_dir, models={n: str(p) for n, p in releases.items()},
+                                     private={n: str(p) for n, p in runs.items() if n != BASELINE},
+                                     recovered=recovered, baseline=BASELINE, out=str(out)))
+    return sweep, sweep["run"] > 0
+
+
+def _check_existing_runs(cfg: StudyConfig, out: Path) -> None:
+    """Every run the study finds in `out` must have been started with the config the study gives it now (bookkeeping
+    aside; the pipeline's rule): checked for all runs before anything is written, so that a changed study file is
+    refused whole instead of after hours of the runs that still match."""
+    for s in cfg.seeds:
+        for name in (BASELINE, *cfg.variants):
+            run = RunDir(out / "runs" / f"s{s}" / name)
+            rc = cfg.dense_config(s) if name == BASELINE else cfg.variant_config(name, s)
+            diff = config_difference(run, rc) if run.is_run() else ""
+            check(not diff, "{} was trained with another config ({}); give the study a new --out directory (or move "
+                  "that run away) to train with this one", run.root, diff)
+
+
+def run_study(cfg: StudyConfig, out: str | Path) -> dict[str, Path]:
+    """Library entry point of `pmp study`: run (or continue) every run, release, audit and attack of the study in
+    `out`, then write the frontier -> the paths of frontier.md / .png / .json."""
+    cfg.validate()
+    get_suite(cfg.attack.suite)  # a bad suite or a missing task file fails before hours of training
+    for what, f in (("attack.task_file", cfg.attack.task_file), ("attack.lm_file", cfg.attack.lm_file)):
+        if f and not Path(f).is_file():
+            raise FileNotFoundError(f"{what} {f} does not exist")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory: choose a directory for the study")
+    _check_existing_runs(cfg, out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "study.yaml", dump_yaml(cfg))
+    ledger = Ledger(out / "stages.json")
+    prepare_data_if_needed(cfg, cfg.attack)
+    variants, points, paths = list(cfg.variants), [], {}
+    for s in cfg.seeds:
+        configs = {BASELINE: cfg.dense_config(s), **{v: cfg.variant_config(v, s) for v in variants}}
+        runs, releases, audits, recovered = {}, {}, {}, {}
+        for name, rc in configs.items():
+            runs[name] = ledger.run(f"pretrain s{s}/{name}", _pretrain, rc, out / "runs" / f"s{s}" / name)
+        for name in configs:
+            releases[name] = ledger.run(f"export s{s}/{name}", _export, runs[name], out / "releases" / f"s{s}" / name)
+        for v in variants if cfg.audit_variants else []:
+            where = out / "audit" / f"s{s}" / v
+            ledger.run(f"audit s{s}/{v}", _audit, cfg, releases[v], runs[v], where)
+            audits[v] = json.loads((where / "audit.json").read_text())
+            recovered[v] = str(where / "recovered_mask")
+        attack_dir = out / "attack" / f"s{s}"
+        ledger.run(f"attack s{s}", _attack, cfg, releases, runs, recovered, attack_dir)
+        ppl = {n: RunDir(r).read_status()["final_val_ppl"] for n, r in runs.items()}
+        points += seed_points(M.load_cells(attack_dir), variants, ppl, audits, s, cfg.kill_above)
+        fr = frontier(points, variants, cfg.seeds[:cfg.seeds.index(s) + 1], cfg.kill_above, ledger.table())
+        paths = write_frontier(out, fr, str(out))
+    print(f"\n[study] done: read {paths['md']}")
+    for v, d in fr["verdicts"].items():
+        print(f"[study] {v}: {d['verdict']}")
+    return paths

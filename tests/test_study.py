@@ -1,0 +1,238 @@
+"""`pmp study`: variants x pre-training seeds on the same data and budget, audited and attacked, and the protection
+frontier they draw -- its arithmetic on hand-written cells, the whole study end to end on tiny runs (and that a
+second call redoes nothing), and study files that are refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from corpus_fixture import generate_text, write_corpus
+
+from pmp.cli import main
+from pmp.eval.frontier import frontier, pareto, ppl_cost, seed_points
+from pmp.study import StudyConfig
+from pmp.typed_config import load_typed
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------- arithmetic
+def cell(model, task, attack, kind, seed, before, after, val, metric="accuracy", direction="higher"):
+    return {"model": model, "task": task, "attack": attack, "attack_kind": kind, "seed": seed, "metric": metric,
+            "direction": direction, "before": before, "after_val_selected": after, "after_final": after,
+            "selected_val": val, "model_role": "scratch" if model == "from_scratch" else "other",
+            "task_kind": "classification", "suite": "hand",
+            "budget": {"steps": 60, "batch_size": 16, "max_len": 48, "max_train": 960, "data": {"train": 960}}}
+
+
+def hand_cells() -> list[dict]:
+    """Task `t` (valid): dense gains 0.3 / 0.2 (seeds 0 / 1) with `full`; `v1` gains 0.1 / 0.1 with `full`, which
+    the attacker's validation metric picks over `lora` (better on test, worse on validation); the owner's authorized
+    fine-tune gains 0.25 / 0.25. `v2` gains 0.15 / 0.1. Task `bad`: from scratch beats dense (invalid)."""
+    cs = []
+    for s, (d_after, v2_after) in enumerate([(0.8, 0.65), (0.7, 0.6)]):
+        for m in ("dense", "v1", "v2", "from_scratch"):
+            cs.append(cell(m, "t", "probe", "probe", s, 0.5, 0.5, 0.5))
+        cs.append(cell("dense", "t", "full", "full", s, 0.5, d_after, d_after))
+        cs.append(cell("v1", "t", "full", "full", s, 0.5, 0.6, 0.6))
+        cs.append(cell("v1", "t", "lora", "lora", s, 0.5, 0.9, 0.55))  # the oracle's pick, not the attacker's
+        cs.append(cell("v1", "t", "authorized", "authorized", s, 0.5, 0.75, 0.75))
+        cs.append(cell("v2", "t", "full", "full", s, 0.5, v2_after, v2_after))
+        cs.append(cell("from_scratch", "t", "full", "full", s, 0.5, 0.55, 0.55))
+        for m, after in (("dense", 0.6), ("v1", 0.6), ("v2", 0.6), ("from_scratch", 0.7)):
+            cs.append(cell(m, "bad", "probe", "probe", s, 0.5, 0.5, 0.5))
+            cs.append(cell(m, "bad", "full", "full", s, 0.5, after, after))
+    return cs
+
+
+def test_frontier_arithmetic_on_hand_written_cells():
+    assert ppl_cost(110.0, 100.0) == pytest.approx(0.10)
+    assert ppl_cost(90.0, 100.0) == pytest.approx(-0.10)
+    with pytest.raises(ValueError, match="finite and > 0"):
+        ppl_cost(float("nan"), 100.0)
+    audits = {"v1": {"best_attack": "abs_weight", "best_global": {"auroc": 0.93, "precision_at_rho": 0.8}},
+              "v2": None}
+    pts = seed_points(hand_cells(), ["v1", "v2"], {"dense": 100.0, "v1": 110.0, "v2": 120.0}, audits, 0, 0.8)
+    v1, v2 = pts
+    assert (v1["variant"], v1["seed"], v2["variant"]) == ("v1", 0, "v2")
+    assert v1["x"] == pytest.approx(0.10) and v2["x"] == pytest.approx(0.20)
+    assert v1["audit"] == {"best_attack": "abs_weight", "auroc": 0.93, "precision_at_rho": 0.8}
+    assert v2["audit"] is None
+    t = v1["tasks"]["t"]
+    assert t["valid"] is True and t["best_attack"] == "full" and t["dense_best_attack"] == "full"
+    assert t["ratio"] == pytest.approx(0.1 / 0.25)  # validation-chosen; the oracle (lora, gain 0.4) would give 1.6
+    # paired bootstrap over the 2 fine-tuning seeds: resampled ratios are 0.1/0.3, 0.1/0.25 or 0.1/0.2
+    assert 0.1 / 0.3 - 1e-9 <= t["lo"] <= t["ratio"] <= t["hi"] <= 0.5 + 1e-9 and t["n_ft_seeds"] == 2
+    assert t["authorized_recovery"] == pytest.approx(1.0)
+    assert t["killed"] is False and t["kill_basis"] == "CI lower end"
+    assert t["budget"]["steps"] == 60 and t["budget"]["suite"] == "hand"
+    assert v2["tasks"]["t"]["ratio"] == pytest.approx(0.125 / 0.25)
+    bad = v1["tasks"]["bad"]
+    assert bad["valid"] is False and bad["ratio"] == pytest.approx(1.0)
+
+    fr = frontier(pts, ["v1", "v2"], [0], 0.8)
+    assert fr["verdicts"]["v1"]["verdict"] == "alive" and fr["verdicts"]["v1"]["valid_tasks"] == ["t"]
+    assert fr["verdicts"]["v1"]["highest_lower_end"] == pytest.approx(t["lo"])
+    assert "bad" not in fr["frontiers"]  # invalid everywhere: no frontier
+    means = {m["name"]: (m["x"], m["y"]) for m in fr["frontiers"]["t"]["means"]}
+    assert means["dense"] == (0.0, 1.0) and means["v1"] == pytest.approx((0.1, 0.4))
+    assert fr["frontiers"]["t"]["frontier"] == ["dense", "v1"]  # v2 costs more and protects less than v1
+
+    # kill_above 0.3: v1's interval (lower end >= 1/3) lies above it -> killed on the valid task only
+    killed = frontier(seed_points(hand_cells(), ["v1"], {"dense": 100.0, "v1": 110.0}, {}, 0, 0.3), ["v1"], [0], 0.3)
+    assert killed["verdicts"]["v1"]["verdict"] == "killed" and killed["verdicts"]["v1"]["killed_on"] == ["t"]
+    # one fine-tuning seed: no interval, the ratio itself is compared (and said to be)
+    one = [c for c in hand_cells() if c["seed"] == 0]
+    p1 = seed_points(one, ["v1"], {"dense": 100.0, "v1": 100.0}, {}, 0, 0.3)[0]["tasks"]["t"]
+    assert p1["lo"] is None and p1["ratio"] == pytest.approx(1 / 3) and p1["killed"] is True
+    assert p1["kill_basis"].startswith("ratio (no CI")
+
+
+def test_verdict_over_seeds_and_pareto():
+    def pt(v, s, x, ratio, lo, valid=True):
+        return {"variant": v, "seed": s, "x": x,
+                "tasks": {"t": {"valid": valid, "ratio": ratio, "lo": lo, "killed": lo > 0.8, "budget": {}}}}
+    pts = [pt("a", 0, 0.1, 0.95, 0.9), pt("a", 1, 0.1, 0.9, 0.85),    # killed at both seeds
+           pt("b", 0, 0.0, 0.95, 0.9), pt("b", 1, 0.0, 0.5, 0.3),     # killed at one seed only
+           pt("c", 0, 0.3, 0.2, 0.1), pt("c", 1, 0.3, 0.95, 0.9, valid=False)]  # the killed seed is invalid
+    v = frontier(pts, ["a", "b", "c"], [0, 1], 0.8)["verdicts"]
+    assert [v[k]["verdict"] for k in "abc"] == ["killed", "mixed", "alive"]
+    items = [{"name": n, "x": x, "y": y} for n, x, y in
+             [("dense", 0, 1), ("p", 0.1, 0.5), ("q", 0.1, 0.6), ("r", 0.3, 0.5), ("s", -0.1, 1.2), ("u", 0.4, 0.1)]]
+    assert [i["name"] for i in pareto(items)] == ["s", "dense", "p", "u"]
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def study_args(tmp_path: Path, out: Path) -> list[str]:
+    files = write_corpus(tmp_path)
+    lm = tmp_path / "heldout.txt"
+    lm.write_text(generate_text(15000, seed=99))
+    sets = {"data.corpus": files, "data.cache_dir": str(tmp_path / "cache"), "data.max_chars": 0,
+            "data.seq_len": 32, "data.val_fraction": 0.1, "tokenizer.vocab_size": 320, "model.hidden_size": 32,
+            "model.intermediate_size": 64, "train.steps": 20, "train.batch_size": 4, "train.warmup_steps": 2,
+            "train.eval_every": 0, "train.eval_batches": 2, "train.ckpt_every": 0, "train.progress": False,
+            "train.threads": 1, "pmp.min_warmup_steps": 5, "pmp.max_warmup_steps": 5, "audit.max_seconds": 20,
+            "audit.max_seed": 5, "audit.grad_batches": 1, "audit.activation_batches": 1}
+    args = ["study", str(ROOT / "configs" / "study_debug.yaml"), "--out", str(out), "--set", "seeds=[0,1]",
+            "--tasks", "none", "--lm-file", str(lm), "--suite", str(ROOT / "configs" / "attack_debug.yaml")]
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    return args
+
+
+def _mtimes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for sub in ("runs", "releases", "audit", "attack")
+            for p in (root / sub).rglob("*") if p.is_file() and p.name not in ("sweep.json", ".pmp.lock")}
+
+
+def test_study_end_to_end_then_skips_every_finished_stage(tmp_path, capsys):
+    out = tmp_path / "study"
+    args = study_args(tmp_path, out)
+    assert main(args) == 0
+    fr = json.loads((out / "frontier.json").read_text())
+    assert sorted((p["variant"], p["seed"]) for p in fr["points"]) == [(v, s) for v in ("frozen_r05", "trap")
+                                                                       for s in (0, 1)]
+    assert fr["kill_above"] == 0.8 and fr["budgets"]["heldout"]["steps"] == 10  # the debug suite's LM budget
+    for p in fr["points"]:
+        st = {n: json.loads((out / "runs" / f"s{p['seed']}" / n / "run.json").read_text())["final_val_ppl"]
+              for n in ("dense", p["variant"])}
+        assert p["x"] == pytest.approx(st[p["variant"]] / st["dense"] - 1)
+        t = p["tasks"]["heldout"]
+        assert t["n_ft_seeds"] == 2 and t["best_attack"] == "full_adamw_3e-4_cos"
+        assert t["valid"] in (True, False)  # tiny runs: pre-training may or may not beat from scratch
+        assert t["authorized_recovery"] is None or math.isfinite(t["authorized_recovery"])
+        assert 0 <= p["audit"]["auroc"] <= 1
+        assert (out / "audit" / f"s{p['seed']}" / p["variant"] / "recovered_mask").is_dir()
+    assert set(fr["verdicts"]) == {"frozen_r05", "trap"}
+    md = (out / "frontier.md").read_text()
+    assert "kill_above = 0.8" in md and "`trap`" in md and "10 steps x batch 4" in md
+    assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stages = json.loads((out / "stages.json").read_text())
+    assert {"pretrain s0/dense", "pretrain s1/trap", "export s0/frozen_r05", "audit s1/trap"} <= set(stages)
+    assert all(r["seconds"] > 0 for r in stages.values())
+    for s in (0, 1):
+        cells = list((out / "attack" / f"s{s}" / "cells").glob("*.json"))
+        assert {c.name.split("__")[0] for c in cells} == {"dense", "frozen_r05", "trap", "from_scratch"}
+    # seed s is the batch order of every run of the seed; the variant's overrides reach its run only
+    for s, name in [(s, n) for s in (0, 1) for n in ("dense", "frozen_r05", "trap")]:
+        rc = yaml.safe_load((out / "runs" / f"s{s}" / name / "config.yaml").read_text())
+        assert rc["train"]["data_seed"] == s and rc["train"]["method"] == ("dense" if name == "dense" else "pmp")
+        assert rc["pmp"]["variant"] == ("trap" if name == "trap" else "none")
+
+    # a second call redoes nothing: every run, release, audit and cell file is untouched, the ledger too
+    before, ledger = _mtimes(out), (out / "stages.json").read_text()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert _mtimes(out) == before and (out / "stages.json").read_text() == ledger
+    again = json.loads((out / "frontier.json").read_text())
+    assert {s["this_call"] for s in again["stages"]} == {"skipped"}
+    assert [s["seconds"] for s in again["stages"]] == [stages[s["stage"]]["seconds"] for s in again["stages"]]
+    assert "0 cells run" in capsys.readouterr().out
+
+    # another base recipe: refused whole before anything is written (not after retraining the runs that match)
+    study_yaml = (out / "study.yaml").read_text()
+    assert main(args + ["--set", "train.lr=0.001"]) == 2
+    assert "runs/s0/dense was trained with another config (train.lr: 0.003 -> 0.001)" in capsys.readouterr().err
+    assert _mtimes(out) == before and (out / "study.yaml").read_text() == study_yaml
+
+
+def test_example_study_files_resolve_to_the_runs_they_promise():
+    cfg = load_typed(StudyConfig, ROOT / "configs" / "study_frontier.yaml")
+    assert cfg.seeds == [0, 1] and cfg.kill_above == 0.8 and cfg.model.preset == "small"
+    want = {"frozen_r05": ("none", "frozen", 0.5), "frozen_r01": ("none", "frozen", 0.1),
+            "project": ("none", "project", 0.5), "trap": ("trap", "frozen", 0.5), "illcond": ("illcond", "frozen", 0.5)}
+    assert set(cfg.variants) == set(want)
+    for s in cfg.seeds:
+        dense = cfg.dense_config(s)
+        assert (dense.train.method, dense.train.data_seed, dense.model.init_seed) == ("dense", s, None)
+        for name, (variant, complement, density) in want.items():
+            rc = cfg.variant_config(name, s)
+            assert (rc.pmp.variant, rc.pmp.complement, rc.pmp.density) == (variant, complement, density), name
+            assert (rc.train.method, rc.train.data_seed, rc.train.steps, rc.data, rc.model) == \
+                ("pmp", s, dense.train.steps, dense.data, dense.model)
+    debug = load_typed(StudyConfig, ROOT / "configs" / "study_debug.yaml")
+    assert debug.model.preset == "tiny" and list(debug.variants) == ["frozen_r05", "trap"]
+    # a pinned init seed k becomes k + s: the seeds differ in init too, dense and variants of a seed share it
+    pinned = load_typed(StudyConfig, ROOT / "configs" / "study_debug.yaml", ["model.init_seed=7", "seeds=[0,2]"])
+    assert [pinned.variant_config("trap", s).model.init_seed for s in (0, 2)] == [7, 9]
+    assert pinned.dense_config(2).model.init_seed == 9
+
+
+# ---------------------------------------------------------------------------------------------- bad study files
+BAD = [
+    ("variants: {}\n", "variants is empty"),
+    ("seeds: [0]\n", "variants is empty"),  # no variants at all
+    ("variants: {a: {pmp.densty: 0.3}}\n", "variant 'a': unknown config key 'pmp.densty'; did you mean 'pmp.density'"),
+    ("variants: {a: {pmp: {scorer: magic}}}\n", "variant 'a': pmp.scorer must be one of"),
+    ("variants: {a: {train.steps: 10}}\n", "variant 'a': train.steps is fixed by the study"),
+    ("variants: {a: {train.data_seed: 3}}\n", "variant 'a': train.data_seed is fixed by the study"),
+    ("variants: {a: {model.preset: small}}\n", "variant 'a': model.preset is not a variant setting"),
+    ("variants: {a: {pmp.variant: illcond}}\n", "variant 'a': pmp.variant=illcond masks input channels"),
+    ("variants: {dense: {}}\n", "variant name 'dense'"),
+    ("variants: {a: 3}\n", "variants.a: expected a mapping"),
+    ("variants: {a: {}, b: {pmp.density: 0.5}}\n", "variants 'a' and 'b' train the same model"),
+    ("variants: {a: {}}\nseeds: []\n", "seeds must list at least one"),
+    ("variants: {a: {}}\nseeds: [0, 0]\n", "seeds lists a seed twice"),
+    ("variants: {a: {}}\nseeds: [-1]\n", "seeds must be integers >= 0"),
+    ("variants: {a: {}}\nseeds: 3\n", "seeds: expected a list"),
+    ("variants: {a: {}}\nkill_above: 0\n", "kill_above must be > 0"),
+    ("variants: {a: {}}\nvariantz: {}\n", "did you mean 'variants'"),
+    ("variants: {a: {}}\nattack: {lm_file: /nonexistent/heldout.txt}\n", "attack.lm_file /nonexistent/heldout.txt "
+     "does not exist"),
+]
+
+
+@pytest.mark.parametrize("text, expected", BAD)
+def test_bad_study_files_give_clear_errors_and_write_nothing(tmp_path, capsys, text, expected):
+    study = tmp_path / "study.yaml"
+    base = "model: {preset: tiny}\ntrain: {steps: 30}\npmp: {min_warmup_steps: 5, max_warmup_steps: 10}\n"
+    study.write_text(base + text)
+    out = tmp_path / "out"
+    assert main(["study", str(study), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err, err
+    assert not out.exists()
