@@ -80,6 +80,22 @@ def test_token_blocks_real_tokenizer(tmp_path):
     assert tok.decode(blocks.reshape(-1)[: len(tok(docs[0])["input_ids"])].tolist()) == docs[0]
 
 
+def test_token_blocks_ignore_truncation_left_on_by_an_earlier_call(tmp_path):
+    """`tokenizer(..., truncation=True, max_length=n)` leaves truncation on in the fast backend: blocks built after
+    it must still hold every token of every document (a real bug: protection runs on a classification task cut
+    the retain corpus to 128 tokens per document), and the cache key must not change."""
+    docs = [f"Document {i}: the quick brown fox jumps over the lazy dog. " * 5 for i in range(10)]
+    tok = wrap(train_bpe(docs, 300))
+    clean = token_blocks(tok, docs, 16, str(tmp_path / "a"), log=lambda s: None)
+    tok(docs[:2], truncation=True, max_length=4)
+    assert tok.backend_tokenizer.truncation is not None  # the leftover state this test is about
+    after = token_blocks(tok, docs, 16, str(tmp_path / "b"), log=lambda s: None)
+    np.testing.assert_array_equal(clean, after)
+    assert sorted(p.name for p in (tmp_path / "a" / "blocks").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "b" / "blocks").iterdir())
+    assert tok.backend_tokenizer.truncation["max_length"] == 4  # the caller's setting is given back
+
+
 def _blocks(n=10, t=4):
     return np.arange(n * t, dtype=np.uint16).reshape(n, t)
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,10 +36,32 @@ from pmp.data.cache import cache_root, text_fingerprint
 TOKENIZE_BATCH = 64  # documents per fast-tokenizer call (~1.3 M chars); one call for all was not faster on 2 cores
 
 
+@contextmanager
+def _untruncated(backend) -> Iterator[None]:
+    """The backend tokenizer with truncation and padding off for the block, then as it was. A call such as
+    `tokenizer(texts, truncation=True, max_length=n)` leaves truncation ON in the backend, and the backend's
+    `encode_batch` would then silently cut every document to n tokens."""
+    trunc, pad = backend.truncation, backend.padding
+    backend.no_truncation()
+    backend.no_padding()
+    try:
+        yield
+    finally:
+        if trunc is not None:
+            backend.enable_truncation(**trunc)
+        if pad is not None:
+            backend.enable_padding(**pad)
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of what decides the ids: the full tokenizer definition (vocab, merges, normalizer...) and eos."""
+    """sha256 of what decides the ids: the full tokenizer definition (vocab, merges, normalizer...) and eos --
+    not a truncation or padding setting left over from an earlier call (blocks are encoded without them)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    spec = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    if backend is not None:
+        with _untruncated(backend):
+            spec = backend.to_str()
+    else:
+        spec = json.dumps(tokenizer.get_vocab(), sort_keys=True)
     return hashlib.sha256(f"{spec}\n{tokenizer.eos_token_id}".encode()).hexdigest()
 
 
@@ -142,7 +165,8 @@ def blocks_digest(blocks_NT: np.ndarray, samples: int = 64) -> str:
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # same ids as tokenizer(texts), without BatchEncoding
-        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+        with _untruncated(backend):
+            return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
     return tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
 
 
