@@ -188,7 +188,7 @@ def test_restricted_domain_view_separates_protection_from_collateral(tmp_path):
     assert "100.00 -> 105.00 (+5.0 %)" in view and "80.00 -> 300.00" in view
     sent = next(line for line in view.splitlines() if line.startswith("| sent |"))
     other = next(line for line in view.splitlines() if line.startswith("| other |"))
-    assert "(0.20) **restricted**" in sent and "(1.00)" in other and "restricted**" not in other
+    assert "(0.20) [0.120] **restricted**" in sent and "(1.00) [0.000]" in other and "restricted**" not in other
     assert "gain ratio sophon (best)" in md  # marked protected in the main table too
     with pytest.raises(ValueError, match="not a model in these results"):
         write_report(ReportConfig(results=str(res), protections={"nobody": str(run)}))
