@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -20,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_runs import kill_at_checkpoint, pmp_cli
 from corpus_fixture import write_corpus
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -33,7 +31,6 @@ from pmp.train.protect_run import protect_by_training
 from pmp.train.sdd import IGNORE, build_pairs, response_nll, sdd_loss
 from pmp.train.trainer import pretrain
 
-REPO = Path(__file__).resolve().parents[1]
 SEQ, PROMPT = 96, 24  # the tiny test tokenizer spends 40 tokens on the default refusal
 FAST = {"train.seq_len": SEQ, "train.sdd_prompt_tokens": PROMPT, "train.batch_size": 4, "train.check_every": 2,
         "train.ckpt_every": 2, "train.eval_batches": 2, "train.log_every": 0, "train.threads": 1,
@@ -264,31 +261,18 @@ def test_sdd_run_exports_to_a_stock_model(setup, tmp_path, method, kind):
     subprocess.run([sys.executable, "-c", code, str(rel)], check=True, cwd=tmp_path)
 
 
-def _cli(args):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "pmp", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
 
 def test_sdd_resumes_exactly_after_sigkill(setup, tmp_path):
     sets = [f"--set={k}={v}" for k, v in {**FAST, "train.steps": 40}.items()]
     args = ["protect", "sdd_reject", "--base", str(setup["dense"]), "--restricted", str(setup["lm"])] + sets
     whole = tmp_path / "whole"
-    proc = _cli([*args, "--out", str(whole)])
+    proc = pmp_cli([*args, "--out", str(whole)])
     assert proc.wait(timeout=600) == 0, proc.stdout.read()
     killed = tmp_path / "killed"
-    proc = _cli([*args, "--out", str(killed)])
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        ck = killed / "checkpoints"
-        if ck.is_dir() and any((p / "manifest.json").is_file() and int(p.name[5:]) >= 4 for p in ck.glob("step_*")):
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    proc = pmp_cli([*args, "--out", str(killed)])
+    kill_at_checkpoint(proc, killed, 4)
     assert not (killed / "final").exists()
-    again = _cli([*args, "--out", str(killed), "--resume"])
+    again = pmp_cli([*args, "--out", str(killed), "--resume"])
     out = again.communicate(timeout=600)[0]
     assert again.returncode == 0 and "resuming" in out, out
     a, b = weights(RunDir(whole).final), weights(RunDir(killed).final)

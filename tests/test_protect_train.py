@@ -6,16 +6,14 @@ stock model, and bad input is refused before anything is written."""
 from __future__ import annotations
 
 import csv
-import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import kill_at_checkpoint, pmp_cli
 from corpus_fixture import generate_text, write_corpus
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -31,7 +29,6 @@ from pmp.train.sophon import suppression_gradient
 from pmp.train.suppression import inverse_cross_entropy, kl_from_uniform
 from pmp.train.trainer import pretrain
 
-REPO = Path(__file__).resolve().parents[1]
 FAST = {"train.seq_len": 16, "train.batch_size": 4, "train.inner_steps": 2, "train.check_every": 2,
         "train.ckpt_every": 2, "train.eval_batches": 2, "train.log_every": 0, "train.threads": 1}
 
@@ -182,34 +179,21 @@ def test_retain_guard_rolls_back_a_model_that_forgets(setup, tmp_path):
     assert all(torch.equal(base[k], v) for k, v in weights(RunDir(out).final).items())
 
 
-def _cli(args):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "pmp", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
 
 def test_protect_resumes_exactly_after_sigkill(setup, tmp_path):
     sets = [f"--set={k}={v}" for k, v in {**FAST, "train.steps": 12}.items()]
     args = ["protect", "sophon", "--base", str(setup["dense"]), "--restricted", str(setup["lm"])] + sets
     whole = tmp_path / "whole"
-    proc = _cli([*args, "--out", str(whole)])
+    proc = pmp_cli([*args, "--out", str(whole)])
     assert proc.wait(timeout=600) == 0, proc.stdout.read()
     killed = tmp_path / "killed"
-    proc = _cli([*args, "--out", str(killed)])
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        ck = killed / "checkpoints"
-        if ck.is_dir() and any((p / "manifest.json").is_file() and int(p.name[5:]) >= 4 for p in ck.glob("step_*")):
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    proc = pmp_cli([*args, "--out", str(killed)])
+    kill_at_checkpoint(proc, killed, 4)
     assert not (killed / "final").exists()
-    again = _cli([*args, "--out", str(killed)])
+    again = pmp_cli([*args, "--out", str(killed)])
     out = again.communicate(timeout=600)[0]
     assert again.returncode != 0 and "--resume" in out  # a second start without --resume is refused
-    again = _cli([*args, "--out", str(killed), "--resume"])
+    again = pmp_cli([*args, "--out", str(killed), "--resume"])
     out = again.communicate(timeout=600)[0]
     assert again.returncode == 0 and "resuming" in out, out
     a, b = weights(RunDir(whole).final), weights(RunDir(killed).final)

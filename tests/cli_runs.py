@@ -1,0 +1,29 @@
+"""`python -m pmp` in a subprocess, killed with SIGKILL once it has written a checkpoint: the exact-resume tests."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pmp_cli(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "pmp", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def kill_at_checkpoint(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 300) -> None:
+    """SIGKILL `proc` as soon as RUN/checkpoints holds a complete checkpoint at `step` or later."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        ck = run_dir / "checkpoints"
+        if ck.is_dir() and any((p / "manifest.json").is_file() and int(p.name[5:]) >= step for p in ck.glob("step_*")):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
