@@ -405,8 +405,9 @@ class ProtectConfig:
     base: str = doc("the finished private run to protect (the --out of `pmp pretrain`; rescale: method dense)", "")
     out: str = doc("the protected run directory to create (private, like any run: `pmp export` releases it)", "")
     restricted: str = doc("sophon/mlac/sdd: the restricted domain -- a task name (`pmp attack` task names; '' = the "
-                          "held-out LM probe), a .txt file (an LM domain) or a labelled csv/jsonl file "
-                          "(classification). Only its TRAIN split is used; attacks test on its test split", "")
+                          "held-out LM probe; TASK:text = a classification task's texts as an LM domain), a .txt "
+                          "file (an LM domain) or a labelled csv/jsonl file (classification). Only its TRAIN split "
+                          "is used; attacks test on its test split", "")
     retain: str = doc("sophon/mlac/sdd: the original-domain (retain) corpus -- '' = the base run's pre-training corpus "
                       "(a release base: the default corpus), or comma-separated local text files", "")
     resume: bool = doc("continue an interrupted sophon/mlac/sdd run in --out from its last checkpoint", False)

@@ -91,6 +91,16 @@ class RunDir:
         return self.private / RECORD_FILE
 
     @property
+    def complement_weights(self) -> Path:
+        """The masked tensors as the masked phase began, when that is not a function of the init (pmp.rewind=false:
+        the complement stays at its values at identification). Private: it is the complement's reference."""
+        return self.private / "complement.safetensors"
+
+    def save_complement_weights(self, state: Mapping[str, torch.Tensor], mask: PrivateMask) -> None:
+        with atomic_file(self.complement_weights) as f:
+            f.write(save({n: state[n].detach().contiguous().cpu() for n in sorted(mask.layouts)}))
+
+    @property
     def identification(self) -> Path:
         return self.private / "identification.jsonl"
 
@@ -296,21 +306,27 @@ def open_private_run(path: str | Path, flag: str = "--private", need_mask: bool 
 def complement_share(weights: Mapping[str, torch.Tensor], mask: PrivateMask, run: RunDir,
                      storage_dtype: torch.dtype = torch.float32) -> float | None:
     """Share of the mask's complement entries of `weights` that equal the run's complement reference -- its
-    initial weights times the recorded scale (pmp/complement.py: 1 for pmp.complement=frozen) -- rounded to the
+    initial weights times the recorded scale (pmp/complement.py: 1 for pmp.complement=frozen), or under
+    pmp.rewind=false the weights at identification (RunDir.complement_weights) -- rounded to the
     release's `storage_dtype`, so bf16 releases compare exactly; None when the run kept no initial weights, or
     trained every entry (pmp.variant trap / illcond: there is no complement reference to compare)."""
-    if not run.init_weights.is_file() or trains_every_entry(run):
+    if trains_every_entry(run):
         return None
-    scale = run.complement_plan().scale
+    if run.complement_weights.is_file():  # pmp.rewind=false: the weights at identification, as stored
+        reference, scale = run.complement_weights, 1.0
+    elif run.init_weights.is_file():
+        reference, scale = run.init_weights, run.complement_plan().scale
+    else:
+        return None
     same = total = 0
-    with safe_open(str(run.init_weights), "pt") as f:
+    with safe_open(str(reference), "pt") as f:
         keys = set(f.keys())
         for n, lay in mask.layouts.items():
             if n not in weights or n not in keys:
                 continue
             w0 = f.get_tensor(n)
             if w0.shape != weights[n].shape:
-                raise ValueError(f"{run.root}: initial weight {n} has shape {tuple(w0.shape)}, the release's "
+                raise ValueError(f"{run.root}: reference weight {n} has shape {tuple(w0.shape)}, the release's "
                                  f"{tuple(weights[n].shape)}: the run does not belong to this release")
             keep = ~lay.to_bool()
             w0 = scaled(w0, ~keep, scale)
@@ -335,7 +351,8 @@ def check_complement(weights: Mapping[str, torch.Tensor], mask: PrivateMask, run
     (the init, or under pmp.complement=project the init times the recorded scale)."""
     share = complement_share(weights, mask, run, storage_dtype)
     if share is not None and share < COMPLEMENT_MIN_SHARE:
-        what = "initial weights" if run.complement_plan().scale == 1.0 else "projected initial weights"
+        what = ("weights at identification (pmp.rewind=false)" if run.complement_weights.is_file() else
+                "initial weights" if run.complement_plan().scale == 1.0 else "projected initial weights")
         raise ValueError(f"the release {release} does not belong to the private run {run.root}: only {share:.1%} of "
                          f"the mask's complement equals the run's {what} (a PMP release keeps 100%)")
 

@@ -160,3 +160,38 @@ def test_bad_complement_config(setting, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, ["pmp.complement=project", setting])
     load_config(None, ["pmp.complement=project", "pmp.complement_radius=0.2"])  # a good one passes
+
+
+# ------------------------------------------------------------------------------- pmp.rewind=false (frozen)
+def test_no_rewind_run_records_its_complement_and_exports(run, tmp_path):
+    """Without the rewind the complement stays at its values at identification, which no init reproduces: the
+    run records them (private) and the release checks compare with them; a lost record is rebuilt on resume from
+    the masked-phase checkpoint (the masked phase never moves the complement)."""
+    overrides = [o for o in run.overrides if not o.startswith(("pmp.complement", "train.snapshot_every"))]
+    overrides += ["pmp.rewind=false", "train.snapshot_every=6"]
+    cfg = load_config(None, overrides)
+    root = pretrain(cfg, tmp_path / "norewind").root
+    ref = load_file(str(root / "private" / "complement.safetensors"))
+    mask = PrivateMask.load(root / "private")
+    masks = mask.to_bool()
+    assert set(ref) == set(masks)
+    at_identification = load_file(str(root / "snapshots" / "step_00000006" / "model.safetensors"))
+    final = load_file(str(root / "final" / "model.safetensors"))
+    init = load_file(str(root / "private" / "init.safetensors"))
+    for n, m in masks.items():
+        assert torch.equal(ref[n], at_identification[n]), n  # the weights as the masked phase began
+        assert torch.equal(final[n][~m], ref[n][~m]), n  # ... whose complement the masked phase kept
+    assert any(not torch.equal(final[n][~m], init[n][~m]) for n, m in masks.items())  # not the init's
+
+    out = export_release(ExportConfig(run=str(root), out=str(tmp_path / "release")))
+    assert verify_release(out, root, load=False).ok
+    assert not any(p.name == "complement.safetensors" for p in out.rglob("*"))  # private: never in a release
+
+    lost = Path(shutil.copytree(root, tmp_path / "lost"))
+    (lost / "private" / "complement.safetensors").unlink()
+    with pytest.raises(ValueError, match="initial weights"):  # without it the init is the reference: refused
+        export_release(ExportConfig(run=str(lost), out=str(tmp_path / "never")))
+    assert not (tmp_path / "never").exists()
+    pretrain(cfg, lost, resume=True)
+    rebuilt = load_file(str(lost / "private" / "complement.safetensors"))
+    assert all(torch.equal(rebuilt[n][~m], ref[n][~m]) for n, m in masks.items())

@@ -6,6 +6,7 @@ stock model, and bad input is refused before anything is written."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import random
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from corpus_fixture import generate_text, write_corpus
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import pmp.train.protect_data as protect_data
 from pmp.cli import main
 from pmp.config import ExportConfig, ProtectConfig, ProtectTrainConfig, load_config
 from pmp.release import export_release
@@ -222,6 +224,10 @@ def test_bad_input_is_refused_and_nothing_is_written(setup, tmp_path):
         protect_by_training(cfg_of(setup, never, "sophon_nlp", setup["lm"]))
     with pytest.raises(ValueError, match="neither a task"):
         protect_by_training(cfg_of(setup, never, restricted="no_such_task"))
+    with pytest.raises(ValueError, match="attack-suite formulation only; protect sms_spam"):
+        protect_by_training(cfg_of(setup, never, restricted="sms_spam:lm"))
+    with pytest.raises(ValueError, match="unknown formulation 'votes'"):
+        protect_by_training(cfg_of(setup, never, restricted="sms_spam:votes"))
     with pytest.raises(ValueError, match="ckpt_every"):
         protect_by_training(cfg_of(setup, never, **{"train.ckpt_every": 3}))
     with pytest.raises(ValueError, match="inner_optimizers"):
@@ -244,3 +250,16 @@ def test_resume_with_other_settings_is_refused(setup, tmp_path):
         c = cfg_of(setup, out, **{"train.steps": 2, "train.alpha": 9.0})
         c.resume = True
         protect_by_training(c)
+
+
+def test_restricted_task_texts_as_an_lm_domain(setup, monkeypatch):
+    """TASK:text protects a classification task's texts as an LM domain (the attack suite's second valid task)."""
+    cls = load_restricted_task(str(setup["cls"]), "")
+    monkeypatch.setattr(protect_data, "list_tasks", lambda: ["planted"])
+    monkeypatch.setattr(protect_data, "load_task", lambda name, cache: dataclasses.replace(cls, name=name))
+    task = load_restricted_task("planted:text", "")
+    assert (task.name, task.kind) == ("planted:text", "lm")
+    assert list(task.train["text"]) == [str(t) for t in cls.train["text"]]
+    tok = AutoTokenizer.from_pretrained(str(RunDir(setup["dense"]).tokenizer))
+    r = tokenize_restricted(task, tok, 16, 0)
+    assert r.kind == "lm" and r.train["blocks"].shape[1] == 16

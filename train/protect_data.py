@@ -22,6 +22,7 @@ import torch
 from pmp.config import RunConfig
 from pmp.data.blocks import eval_batches, mapped_token_blocks
 from pmp.data.corpus import load_documents, split_documents
+from pmp.data.task_formulations import formulate, split_formulation
 from pmp.data.tasks import TaskData, default_lm_probe, list_tasks, lm_task_from_text, load_task, load_task_file
 from pmp.data.text_blocks import pad_batch, text_blocks
 
@@ -76,16 +77,24 @@ class Sampler:
 
 
 def load_restricted_task(spec: str, cache_dir: str) -> TaskData:
-    """A task name ('' = the held-out LM probe), a .txt file (LM domain) or a labelled file (classification)."""
+    """A task name ('' = the held-out LM probe; TASK:text = a classification task's texts as an LM domain), a .txt
+    file (LM domain) or a labelled file (classification)."""
     name = spec.strip() or default_lm_probe()
     p = Path(name).expanduser()
     if p.suffix.lower() in (".txt", *LABELLED_SUFFIXES) or p.exists():
         if not p.is_file():
             raise FileNotFoundError(f"--restricted {name}: no such file")
         return lm_task_from_text(p) if p.suffix.lower() == ".txt" else load_task_file(str(p))
-    if name not in list_tasks():
-        raise ValueError(f"--restricted {name!r} is neither a task ({', '.join(list_tasks())}) nor a file")
-    return load_task(name, cache_dir)
+    base, form = split_formulation(name)
+    if base not in list_tasks():
+        raise ValueError(f"--restricted {name!r} is neither a task ({', '.join(list_tasks())}; a classification "
+                         "task's texts as an LM domain: TASK:text) nor a file")
+    if form == "lm":  # the protections' losses are next-token or head losses: neither is the verbalised label
+        raise ValueError(f"--restricted {name}: classification as language modelling (':lm') is an attack-suite "
+                         f"formulation only; protect {base} (its classification head) or {base}:text (its texts "
+                         "as an LM domain)")
+    task = load_task(base, cache_dir)
+    return formulate(task, form) if form else task
 
 
 def tokenize_restricted(task: TaskData, tokenizer, seq_len: int, seed: int) -> Restricted:

@@ -266,6 +266,8 @@ class Trainer:
         if p.rewind:  # pmp.complement=project needs it (config check)
             self._load_weights(self.init_state)
             self._project_complement_(plan)
+        else:  # the complement stays at today's values, which no init reproduces: record them (private)
+            self._save_complement_weights()
         if plan.mode != "frozen":
             self.log.echo(f"[pmp] {plan.summary()}")
         self.identifier = None
@@ -294,6 +296,13 @@ class Trainer:
             if name in masks:
                 w = local(prm)
                 w.copy_(scaled(w, local(shaped_like(masks[name], prm)), plan.scale))
+
+    def _save_complement_weights(self) -> None:
+        """pmp.rewind=false: the masked tensors as the masked phase begins (a collective under FSDP; rank 0
+        writes), the reference the release checks compare the complement with (pmp.run_dir.complement_share)."""
+        whole = self._whole_state_dict()
+        if self.ctx.is_main:
+            self.run.save_complement_weights(whole, self.mask)
 
     def _check_complement_record(self) -> None:
         """Resuming in the masked phase: the run's complement record must be the plan of this config (rank 0;
@@ -558,6 +567,9 @@ class Trainer:
                                  "refusing to resume (restore the run's own private/mask.* files)")
             self.ctx.agree("masks", self.mask.fingerprint(), "every rank must read the run's own private/mask.*")
             self.ctx.main_first(self._check_complement_record)
+            if not self.cfg.pmp.rewind and not self.run.complement_weights.is_file():
+                # lost: the masked phase never moves the complement, so the checkpoint's is the reference
+                self._save_complement_weights()
             self.phase = "masked"
             self._enter_masked_phase(self.phase_start)
         elif "mask_sha256" in state:  # pmp.variant=trap after identification, or illcond (its key is loaded)
