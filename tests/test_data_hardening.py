@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -16,11 +17,11 @@ import pytest
 import pmp.data.prepare as prep
 from pmp.config import DataConfig
 from pmp.data import files, task_splits
-from pmp.data.cache import cache_root, is_prepared, verify_outputs
+from pmp.data.cache import FORMAT, cache_root, is_prepared, prepared_manifest, reading, swapping, verify_outputs
 from pmp.data.corpus import load_documents
 from pmp.data.files import load_labelled_file, load_text_files
 from pmp.data.registry_sources import BOOKS, WHEEL_MEMBERS
-from pmp.data.tasks import load_task_file
+from pmp.data.tasks import load_task, load_task_file
 from pmp.dir_lock import LOCK_FILE, DirectoryLocked, exclusive
 
 REPO = Path(prep.__file__).parents[2]
@@ -300,3 +301,40 @@ def test_prepare_removes_stale_temporaries(tmp_path, monkeypatch):
     assert not (root / ".prepare.k3j2.tmp").exists() and not (root / ".corpus.old").exists()
     assert all(p.is_file() for p in keep), left
     assert any("removed 6 leftover" in line for line in lines), lines
+
+
+def test_a_rebuild_waits_for_readers_and_readers_wait_for_the_swap(tmp_path, fake_sources):
+    """A reader (load_task, the default corpus) reads the manifest and the files it names under a shared lock;
+    `prepare` swaps new outputs in under the exclusive one, so no reader sees a half-swapped cache."""
+    root = tmp_path / "cache"
+    m = prep.prepare(str(root), log=_quiet)
+    done = threading.Event()
+
+    def rebuild():
+        prep.prepare(str(root), force=True, log=_quiet)
+        done.set()
+
+    with reading(str(root)):
+        t = threading.Thread(target=rebuild)
+        t.start()
+        assert not done.wait(1.5)  # built its stage, now waits to swap: the reader's files are still the old ones
+        assert is_prepared(str(root)) and verify_outputs(root, m) == []
+    t.join(60)
+    assert done.is_set() and is_prepared(str(root))
+    with swapping(root):  # and a reader waits while a swap holds the lock
+        got = []
+        r = threading.Thread(target=lambda: got.append(load_task("trec", str(root))))
+        r.start()
+        time.sleep(1.0)
+        assert r.is_alive() and not got  # still waiting for the swap to end
+    r.join(60)
+    assert got and got[0].name == "trec"
+
+
+def test_a_cache_rebuilt_in_another_format_meanwhile_is_a_clear_error(tmp_path, fake_sources):
+    root = tmp_path / "cache"
+    prep.prepare(str(root), log=_quiet)
+    manifest = json.loads((root / "manifest.json").read_text())
+    (root / "manifest.json").write_text(json.dumps({**manifest, "format": FORMAT + 1}))
+    with pytest.raises(RuntimeError, match="changed format while this process read it"):
+        prepared_manifest(str(root))

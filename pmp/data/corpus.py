@@ -9,7 +9,7 @@ from __future__ import annotations
 import datasets
 
 from pmp.config import DataConfig
-from pmp.data.cache import cache_root, is_prepared, read_manifest
+from pmp.data.cache import cache_root, is_prepared, prepared_manifest, reading
 from pmp.data.files import CHUNK_CHARS, Document, chunk_text, load_text_files
 from pmp.data.prepare import prepare
 
@@ -48,14 +48,13 @@ def _default_documents(cache_dir: str, max_chars: int) -> list[str]:
         print(f"pmp data: default corpus not prepared in {cache_root(cache_dir)}; running prepare (one-time, "
               f"~40 MB download)")
         prepare(cache_dir)
-    root, books = cache_root(cache_dir), read_manifest(cache_dir)["corpus"]
+    with reading(cache_dir):
+        root, books = cache_root(cache_dir), prepared_manifest(cache_dir)["corpus"]
+        texts = {book: (root / books[book]["path"]).read_text("utf-8") for book in sorted(books)}
     target = CHUNK_CHARS
     if max_chars > 0:  # small budgets: smaller documents, so every book still gives >= 2 (a val split per book)
         target = max(MIN_CHUNK_CHARS, min(CHUNK_CHARS, max_chars // (2 * len(books))))
-    docs = []
-    for book in sorted(books):
-        docs += [Document(c, book) for c in chunk_text((root / books[book]["path"]).read_text("utf-8"), target)]
-    return docs
+    return [Document(c, book) for book, text in texts.items() for c in chunk_text(text, target)]
 
 
 def _hub_documents(name: str, text_column: str) -> list[str]:

@@ -33,6 +33,7 @@ from pmp.data.cache import (
     expected_outputs,
     is_prepared,
     read_manifest,
+    swapping,
     verify_outputs,
     write_output,
 )
@@ -152,13 +153,14 @@ def _prepare_locked(root: Path, cache_dir: str, force: bool, log: Callable[[str]
         for rel in expected_outputs():
             p = stage / rel
             manifest["files"][rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-        # Swap in: the old manifest goes first, the new one comes last.
-        (root / MANIFEST).unlink(missing_ok=True)
-        for sub in sorted({rel.split("/")[0] for rel in expected_outputs()}):
-            if (root / sub).exists():
-                os.replace(root / sub, stage / f"old-{sub}")
-            os.replace(stage / sub, root / sub)
-        write_json(root / MANIFEST, manifest)
+        # Swap in: the old manifest goes first, the new one comes last; no reader is reading meanwhile.
+        with swapping(root):
+            (root / MANIFEST).unlink(missing_ok=True)
+            for sub in sorted({rel.split("/")[0] for rel in expected_outputs()}):
+                if (root / sub).exists():
+                    os.replace(root / sub, stage / f"old-{sub}")
+                os.replace(stage / sub, root / sub)
+            write_json(root / MANIFEST, manifest)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     log(f"pmp data: prepared {root} in {time.time() - t0:.1f}s")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import datasets
 
-from pmp.data.cache import cache_root, is_prepared, read_manifest
+from pmp.data.cache import cache_root, is_prepared, prepared_manifest, reading
 from pmp.data.files import chunk_text, load_labelled_file
 from pmp.data.hash_split import fixed_split
 from pmp.data.prepare import prepare
@@ -59,16 +59,17 @@ def load_task(name: str, cache_dir: str = "") -> TaskData:
         print(f"pmp data: tasks not prepared in {cache_root(cache_dir)}; running prepare (one-time download)")
         prepare(cache_dir)
     root, spec = cache_root(cache_dir), TASKS[name]
-    rec = read_manifest(cache_dir)["tasks"][name]
+    with reading(cache_dir):
+        rec = prepared_manifest(cache_dir)["tasks"][name]
+        raw = {s: (root / rec[s]["path"]).read_text("utf-8") for s in ("train", "test")}
     if spec.kind == "lm":
-        split = {s: datasets.Dataset.from_dict({"text": chunk_text((root / rec[s]["path"]).read_text("utf-8"),
-                                                                   LM_CHUNK_CHARS)}) for s in ("train", "test")}
+        split = {s: datasets.Dataset.from_dict({"text": chunk_text(raw[s], LM_CHUNK_CHARS)}) for s in raw}
         return TaskData(name, "lm", split["train"], split["test"], 0, [])
     names = list(rec["label_names"])
     features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
     split = {}
     for s in ("train", "test"):
-        rows = [json.loads(line) for line in (root / rec[s]["path"]).read_text("utf-8").splitlines() if line]
+        rows = [json.loads(line) for line in raw[s].splitlines() if line]
         split[s] = datasets.Dataset.from_dict({"text": [r["text"] for r in rows], "label": [r["label"] for r in rows]},
                                               features=features)
     return TaskData(name, "classification", split["train"], split["test"], len(names), names)
