@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from pmp.data.task_formulations import formulate, split_formulation
 from pmp.data.tasks import (
     TASKS,
@@ -77,8 +79,15 @@ def resolve_models(models: dict[str, str], private: dict[str, str] | None = None
         load_tokenizer(rel)
         priv = None
         if name in private:
-            run = open_private_run(private[name], f"--private {name}=")
-            check_release_of_run(rel, run, run.load_mask(), name)
+            run = open_private_run(private[name], f"--private {name}=", need_mask=False)
+            if run.has_mask():
+                check_release_of_run(rel, run, run.load_mask(), name)
+            elif run.has_rescale_key():
+                check_release_of_rescale_run(rel, run, name)
+            else:
+                raise ValueError(f"--private {name}={run.root} holds no owner secret: neither a mask "
+                                 "(private/mask.json, a method=pmp run) nor a rescale key "
+                                 "(private/rescale.safetensors, pmp protect rescale): dense runs have none")
             priv = run.root
         role = ("baseline" if name == baseline else "matched" if name == matched else
                 "protected" if priv is not None or name.startswith("pmp") else "other")
@@ -110,6 +119,24 @@ def check_release_of_run(release: Path, run: RunDir, mask: PrivateMask, name: st
         raise ValueError(f"the private mask of {run.root} has {n} of shape {want}, the release {release} {got}: "
                          f"--private {name}= points at another model's run")
     check_complement(weights, mask, run, release, storage_dtype=weights.dtype)
+
+
+def check_release_of_rescale_run(release: Path, run: RunDir, name: str) -> None:
+    """The release given for `--private NAME=RUN` of a rescale run must be RUN's rescaled model: the tensors the
+    key scales in the first and last layer equal the run's final ones (the release's storage dtype; a key is drawn
+    afresh per run, so another run's release differs there)."""
+    key, weights = run.load_rescale_key(), StoredTensors(release)
+    final = StoredTensors(run.final)
+    scaled = [f"model.layers.{i}.{p}.weight" for i in sorted({0, len(key.mlp) - 1})
+              for p in ("mlp.up_proj", "mlp.down_proj", "self_attn.v_proj", "self_attn.o_proj", "self_attn.q_proj",
+                        "self_attn.k_proj")]
+    for n in scaled:
+        if n not in weights or n not in final or weights.shape(n) != final.shape(n):
+            raise ValueError(f"the rescale key of {run.root} does not fit the release {release} ({n} missing or of "
+                             f"another shape): --private {name}= points at another model's run")
+        if not torch.equal(weights[n], final[n].to(weights.dtype).float()):
+            raise ValueError(f"the release {release} is not the rescaled model of {run.root} ({n} differs): "
+                             f"--private {name}= points at another model's run")
 
 
 def _check_names(models: dict[str, str], private: dict[str, str], recovered: dict[str, str], baseline: str,

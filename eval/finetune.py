@@ -90,6 +90,9 @@ class Trainables:
         self.model, self.masked, self.snapshot = model, None, None
         heads = head_names(model, task_kind)
         kind = attack.kind
+        # the owner's authorized fine-tuning of a secret that is no mask (a rescale key: the sweep un-scaled the
+        # model first) trains every parameter, as the full attack does
+        owner_dense = kind == "authorized" and mask_layouts is None
         if kind == "lora":
             from peft import LoraConfig, get_peft_model  # noqa: PLC0415 - heavy; only LoRA attacks need it
 
@@ -97,7 +100,7 @@ class Trainables:
                              lora_dropout=0.0, modules_to_save=sorted({h.split(".")[0] for h in heads}) or None,
                              task_type="CAUSAL_LM" if task_kind in CAUSAL_LM_KINDS else "SEQ_CLS")
             self.model = get_peft_model(model, cfg)
-        elif kind in ("random_mask", "authorized", "recovered_mask"):
+        elif kind in ("random_mask", "authorized", "recovered_mask") and not owner_dense:
             if not mask_layouts:
                 raise ValueError(f"attack {attack.name} ({kind}) needs a mask")
             named = dict(model.named_parameters())
@@ -113,8 +116,9 @@ class Trainables:
                 if n not in layouts:
                     p.requires_grad_(True)
         else:
+            every = kind in DENSE_KINDS or owner_dense
             for n, p in model.named_parameters():
-                p.requires_grad_(kind in DENSE_KINDS or n in heads or (kind == "norm_bias" and p.dim() < 2))
+                p.requires_grad_(every or n in heads or (kind == "norm_bias" and p.dim() < 2))
         if self.masked is not None:
             extra = [p for n, p in model.named_parameters() if n in heads or n in self.uncovered]
             decay = [t.compact for t in self.masked.tensors if decays(t.dense)] + [p for p in extra if decays(p)]

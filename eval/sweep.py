@@ -33,7 +33,7 @@ from pmp.eval.verbalised import verbaliser_ids
 from pmp.mask import PrivateMask
 from pmp.provenance import git_commit, versions
 from pmp.rescale import SUPPORTED as RESCALABLE
-from pmp.rescale import canonicalise
+from pmp.rescale import canonicalise, unscale
 from pmp.run_dir import RunDir
 
 
@@ -77,7 +77,11 @@ class Sweep:
         self.seeds = list(range(seeds or suite.seeds))
         self.progress, self.log = progress, log
         # model name -> the owner's private mask / a mask recovered by an attacker
-        self.masks = {m.name: RunDir(m.private).load_mask() for m in models if m.private is not None}
+        self.masks = {m.name: RunDir(m.private).load_mask() for m in models
+                      if m.private is not None and RunDir(m.private).has_mask()}
+        # model name -> the owner's secret scales (`pmp protect rescale`): its authorized arm un-scales first
+        self.keys = {m.name: RunDir(m.private).load_rescale_key() for m in models
+                     if m.private is not None and m.name not in self.masks}
         self.recovered = {m.name: PrivateMask.load(m.recovered) for m in models if m.recovered is not None}
         self.density, self.density_source = self._random_mask_density(mask_density)
         self.versions, self.commit = versions(), git_commit()
@@ -125,7 +129,7 @@ class Sweep:
 
     def inputs_sha(self, m: ModelSpec, task, attack: Attack, seed: int, budget: Budget | None = None) -> str:
         budget = budget or self.suite.budget(task.kind)
-        mask = (self.masks[m.name].fingerprint() if attack.kind == "authorized" else
+        mask = (self._owner_secret_sha(m) if attack.kind == "authorized" else
                 self.recovered[m.name].fingerprint() if attack.kind in ("recovered_mask", "reinit_complement") else
                 "")
         dens = self.density_of(attack) if attack.kind == "random_mask" else None
@@ -198,8 +202,16 @@ class Sweep:
             self._probes[key] = self.ensure_cell(m, task, probe_attack, seed)[0]
         return self._probes[key]
 
+    def _owner_secret_sha(self, m: ModelSpec) -> str:
+        if m.name in self.masks:
+            return self.masks[m.name].fingerprint()
+        return sha256_file(RunDir(m.private).rescale_key)
+
     def _mask_of(self, m: ModelSpec, attack: Attack, model, task, seed: int) -> tuple[dict | None, dict]:
         """The layouts a sparse attack trains (None for dense kinds) and the cell's record of that mask."""
+        if attack.kind == "authorized" and m.name in self.keys:  # un-scaled by _adapt, then every parameter
+            return None, {"source": "private rescale key", "strength": self.keys[m.name].strength,
+                          "sha256": self._owner_secret_sha(m)}
         if attack.kind == "authorized":  # resolve_models checked that the release is the one the run trained
             mask = self.masks[m.name]
             return mask.layouts, {"source": "private", "density": mask.density(), "sha256": mask.fingerprint()}
@@ -237,6 +249,9 @@ class Sweep:
             fresh = load_model(None, pt.kind, pt.num_labels, seed + 1_000_003, config_from=m.path, pad_id=pt.pad_id)
             info = reinit_complement(model, rec.to_bool(), fresh, head_names(model, pt.kind))
             return model, {**info, "recovered_mask_sha256": rec.fingerprint(), "recovered_path": str(m.recovered)}
+        if attack.kind == "authorized" and m.name in self.keys:  # the owner inverts its own secret scales
+            unscale(model, self.keys[m.name])
+            return model, {"unscaled": True, "strength": self.keys[m.name].strength}
         if attack.kind == "canonicalise_then_ft":
             if getattr(model.config, "model_type", "") not in RESCALABLE:
                 return model, {"canonicalised": False, "reason": f"no rescaling symmetry known for "

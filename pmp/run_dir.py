@@ -32,6 +32,7 @@ from pmp.atomic import atomic_file, sha256_bytes, sha256_file, write_json, write
 from pmp.complement import RECORD_FILE, ComplementPlan, scaled
 from pmp.config import RunConfig, config_from_dict
 from pmp.mask import META_FILE, PrivateMask
+from pmp.rescale import RescaleKey
 from pmp.step_dir import list_step_dirs, step_dir_name, step_of, verified_weights
 from pmp.typed_config import dump_yaml, to_dict
 
@@ -115,6 +116,16 @@ class RunDir:
     @property
     def rescale_record(self) -> Path:
         return self.private / "rescale.json"
+
+    def has_rescale_key(self) -> bool:
+        return self.rescale_key.is_file()
+
+    def load_rescale_key(self) -> RescaleKey:
+        """The secret scales of a `pmp protect rescale` run, verified against the sha256 recorded beside them."""
+        rec = json.loads(self.rescale_record.read_text())
+        if sha256_file(self.rescale_key) != rec["sha256"]:
+            raise ValueError(f"{self.rescale_key} fails its sha256: the private rescale key is corrupt")
+        return RescaleKey.from_tensors(load_file(str(self.rescale_key)), float(rec["strength"]))
 
     def has_mask(self) -> bool:
         return (self.private / META_FILE).is_file()

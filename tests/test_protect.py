@@ -9,13 +9,18 @@ import stat
 
 import pytest
 import torch
-from corpus_fixture import write_corpus
+from corpus_fixture import generate_text, write_corpus
 from transformers import AutoModelForCausalLM
 
 from pmp.cli import main
 from pmp.config import ExportConfig, ProtectConfig, ProtectTrainConfig, load_config
+from pmp.eval import sweep as sweep_module
+from pmp.eval.attack_inputs import resolve_models, resolve_tasks
+from pmp.eval.attacks import Budget, Suite, get_attack
+from pmp.eval.sweep import Sweep
 from pmp.protect import protect
 from pmp.release import export_release
+from pmp.rescale import fold_norms
 from pmp.run_dir import RunDir
 from pmp.train.trainer import pretrain
 from pmp.verify_release import verify_release
@@ -105,3 +110,47 @@ def test_bad_bases_and_outs_are_refused(runs, tmp_path):
         protect(ProtectConfig(base=str(dense), out=str(tmp_path / "busy")))
     assert (tmp_path / "busy" / "mine.txt").read_text() == "keep"
     assert json.loads((dense / "run.json").read_text())["method"] == "dense"
+
+
+# ------------------------------------------------------------------------ the owner's arm: un-scale, fine-tune
+def test_the_owners_authorized_arm_unscales_then_trains_every_parameter(runs, tmp_path, monkeypatch):
+    """`pmp attack --private NAME=RUN` of a rescale run: the owner's authorized fine-tuning first inverts its own
+    secret scales (back to the base's balanced, norm-folded weights), then trains every parameter; another run's
+    release and a run without a secret are refused before anything is written."""
+    _, dense, _ = runs
+    locked = protect(ProtectConfig(base=str(dense), out=str(tmp_path / "locked"), strength=100))
+    rel = export_release(ExportConfig(run=str(locked), out=str(tmp_path / "rel")))
+    other = protect(ProtectConfig(base=str(dense), out=str(tmp_path / "other"), strength=100))
+    with pytest.raises(ValueError, match="is not the rescaled model of"):
+        resolve_models({"locked": str(rel)}, {"locked": str(other)})
+    with pytest.raises(ValueError, match="holds no owner secret"):
+        resolve_models({"locked": str(rel)}, {"locked": str(dense)})
+
+    seen = {}
+    real = sweep_module.finetune
+
+    def spy(model, pt, attack, *a, **k):
+        seen[attack.kind] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        res = real(model, pt, attack, *a, **k)
+        seen[attack.kind + "_trainable"] = res["trainable_parameters"]
+        return res
+
+    monkeypatch.setattr(sweep_module, "finetune", spy)
+    lm = tmp_path / "heldout.txt"
+    lm.write_text(generate_text(6000, seed=77))
+    budget = Budget(steps=2, batch_size=2, max_len=16, max_train=8, max_val=3, max_test=3, eval_every=1)
+    suite = Suite("owner", (get_attack("probe"), get_attack("authorized_1e-3_cos")), classification=budget,
+                  lm=budget, seeds=1).validate()
+    models = resolve_models({"locked": str(rel)}, {"locked": str(locked)}, scratch=False)
+    Sweep(models, resolve_tasks("none", lm_file=str(lm)), suite, tmp_path / "attack", progress=False,
+          log=lambda *_: None).run()
+    cell = json.loads((tmp_path / "attack" / "cells" / "locked__heldout__authorized_1e-3_cos__s0.json").read_text())
+    assert cell["adaptive"] == {"unscaled": True, "strength": 100.0}
+    assert cell["mask"]["source"] == "private rescale key"
+    balanced = AutoModelForCausalLM.from_pretrained(str(RunDir(dense).final), dtype=torch.float32)
+    fold_norms(balanced)  # what `protect` did before scaling: un-scaling returns exactly here
+    for n, p in balanced.named_parameters():
+        assert torch.allclose(seen["authorized"][n], p, rtol=1e-5, atol=1e-7), n
+    assert seen["authorized_trainable"] == sum(p.numel() for p in balanced.parameters())
+    assert not torch.allclose(seen["probe"]["model.layers.0.mlp.up_proj.weight"],
+                              balanced.model.layers[0].mlp.up_proj.weight)  # the attacker's view stays scaled
