@@ -1,4 +1,5 @@
-"""`python -m pmp` in a subprocess, killed with SIGKILL once it has written a checkpoint: the exact-resume tests."""
+"""Subprocess helpers of the whole-run tests: `python -m pmp` killed with SIGKILL once it has written a checkpoint
+(the exact-resume tests), and a release loaded by stock `transformers` in a fresh interpreter without pmp."""
 
 import os
 import signal
@@ -27,3 +28,12 @@ def kill_at_checkpoint(proc: subprocess.Popen, run_dir: Path, step: int, timeout
         time.sleep(0.02)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+STOCK_LOAD = ("import sys, transformers; m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
+              "transformers.AutoTokenizer.from_pretrained(sys.argv[1]); assert 'pmp' not in sys.modules")
+
+
+def assert_stock_loadable(release: Path, cwd: Path) -> None:
+    """`release` loads with stock transformers alone (model and tokenizer), pmp never imported."""
+    subprocess.run([sys.executable, "-c", STOCK_LOAD, str(release)], check=True, cwd=cwd)

@@ -8,8 +8,6 @@ from __future__ import annotations
 import csv
 import math
 import random
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from cli_runs import kill_at_checkpoint, pmp_cli
+from cli_runs import assert_stock_loadable, kill_at_checkpoint, pmp_cli
 from corpus_fixture import write_corpus
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -256,9 +254,7 @@ def test_sdd_run_exports_to_a_stock_model(setup, tmp_path, method, kind):
     rel = export_release(ExportConfig(run=str(out), out=str(tmp_path / "rel")))
     card = (rel / "README.md").read_text()
     assert "restricted-domain-protection" in card and "SDD" in card
-    code = ("import sys, transformers; m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
-            "transformers.AutoTokenizer.from_pretrained(sys.argv[1]); assert 'pmp' not in sys.modules")
-    subprocess.run([sys.executable, "-c", code, str(rel)], check=True, cwd=tmp_path)
+    assert_stock_loadable(rel, tmp_path)
 
 
 

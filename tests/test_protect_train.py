@@ -8,13 +8,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from cli_runs import kill_at_checkpoint, pmp_cli
+from cli_runs import assert_stock_loadable, kill_at_checkpoint, pmp_cli
 from corpus_fixture import generate_text, write_corpus
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -151,9 +149,7 @@ def test_protect_run_exports_to_a_stock_model(setup, tmp_path, method, kind):
                                                      weights(RunDir(setup["dense"]).final).values()))
     rel = export_release(ExportConfig(run=str(out), out=str(tmp_path / "rel")))
     assert "restricted-domain-protection" in (rel / "README.md").read_text()
-    code = ("import sys, transformers; m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
-            "transformers.AutoTokenizer.from_pretrained(sys.argv[1]); assert 'pmp' not in sys.modules")
-    subprocess.run([sys.executable, "-c", code, str(rel)], check=True, cwd=tmp_path)
+    assert_stock_loadable(rel, tmp_path)
 
 
 def test_a_release_can_be_the_base(setup, tmp_path):
