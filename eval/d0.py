@@ -189,6 +189,19 @@ def summarize(d0: dict) -> dict:
     }
 
 
+def headline(rec: dict) -> dict:
+    """What a one-row summary of a D0 record shows: at the attacker's best learning rate (lowest unmasked loss after
+    the most steps), the unmasked ("dense") and the owner's masked validation loss, their difference Delta_c, the
+    dense / owner sharpness ratio, and the verdict."""
+    s = rec["summary"]
+    last = str(s["steps"])
+    at = next(u for u in rec["updates"] if u["lr"] == s["attacker_lr"])
+    return {"model": rec["model"], "task": rec["task"], "mask_from": rec["mask_from"], "steps": s["steps"],
+            "attacker_lr": s["attacker_lr"], "unmasked_loss": at["dense"][last], "owner_loss": at["owner"][last],
+            "delta_c": s["delta_c_at_attacker_lr"], "sharpness_ratio": s["sharpness_ratio"],
+            "verdict": rec["verdict"]}
+
+
 def verdict(s: dict) -> str:
     """One sentence naming the cause, from `summarize`."""
     dc, r = s["delta_c_at_attacker_lr"], s["sharpness_ratio"]

@@ -9,7 +9,8 @@ authorized (mask-aware) fine-tuning. Per task, in this order (so a partial run h
 
 1. the suite's fixed attacks (probe first; adaptive attacks: heal-then-fine-tune, re-init of the suspected
    complement, sparse fine-tuning of random masks of 1 / 10 / 50 %), every seed -- as `Sweep.run` does;
-2. D0 of every model with a mask (`RES/diagnostics/d0__<model>__<task>.json`; eval/d0.py);
+2. D0 of every model with a mask (`RES/diagnostics/d0__<model>__<task>.json`; eval/d0.py, cached by
+   eval/d0_run.py);
 3. search: K trials per arm at the first seed, cells `<model>__<task>__search_<kind>_tNN__s0` (stage search);
 4. tuned: each arm's best trial on ITS OWN validation split, as `tuned_<kind>` at every seed (stage tuned; the
    first seed's cell is the trial's own result, copied). These are the rows the attack tables and the bootstrap
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import time
 from collections import Counter
 
@@ -41,14 +41,13 @@ from tqdm.auto import tqdm
 
 from pmp.atomic import write_json
 from pmp.eval.attack_inputs import ModelSpec
-from pmp.eval.attacks import OPTIMIZERS, SCHEDULES, Attack, Budget, Suite, config_digest
-from pmp.eval.d0 import d0_diagnostic, verdict
+from pmp.eval.attacks import OPTIMIZERS, SCHEDULES, Attack, Budget, Suite
+from pmp.eval.d0_run import D0Settings, d0_path, ensure_d0
 from pmp.eval.durable_spec import check_factors, check_sizes
-from pmp.eval.models import load_model, load_tokenizer
+from pmp.eval.models import load_tokenizer
 from pmp.eval.search import best_trial, ranked_trials, rename, suggest, trial_attack
 from pmp.eval.sweep import Sweep, cell_id, read_cell
 from pmp.eval.task_data import DIRECTION, prepare_task, validation_size
-from pmp.provenance import git_commit, versions
 
 D0_DIR = "diagnostics"  # RES/diagnostics/d0__<model>__<task>.json
 
@@ -259,37 +258,8 @@ class DurableSweep(Sweep):
         return out
 
     def ensure_d0(self, m: ModelSpec, task, mask, mask_from: str) -> tuple[dict, bool]:
-        path = self.out / D0_DIR / f"d0__{m.name}__{task.name}.json"
-        s = self.spec
-        budget = self.suite.budget(task.kind)
-        sha = config_digest({"model": self._model_sha[m.name], "mask": mask.fingerprint(), "task": task.name,
-                             "task_sizes": [len(task.train), len(task.test)], "budget": budget.to_dict(),
-                             "seed": self.seed0, "lrs": list(s.d0_lrs), "steps": list(s.d0_steps),
-                             "hessian": [s.hessian_iters, s.hessian_batches]})
-        old = _read_json(path)
-        if old is not None and old.get("inputs_sha") == sha:
-            return old, False
-        pt = self.prepared(m, task, self.seed0)
-
-        def load():
-            return load_model(m.path, task.kind, pt.num_labels, self.seed0, config_from=m.config_from,
-                              pad_id=pt.pad_id)
-
-        res = d0_diagnostic(load, pt, mask.layouts, lrs=s.d0_lrs, steps=s.d0_steps, batch_size=budget.batch_size,
-                            seed=self.seed0, hessian_iters=s.hessian_iters, hessian_batches=s.hessian_batches)
-        rec = {"status": "done", "kind": "d0", "model": m.name, "model_role": m.role, "task": task.name,
-               "task_kind": task.kind, "mask_from": mask_from, "inputs_sha": sha, **res,
-               "verdict": verdict(res["summary"]), "data": pt.sizes, "batch_size": budget.batch_size,
-               "versions": versions(), "git_commit": git_commit(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        write_json(path, rec)
-        tqdm.write(f"[d0] {m.name} / {task.name}: {rec['verdict']}")
-        return rec, True
-
-
-def _read_json(path) -> dict | None:
-    """A finished D0 record, or None when missing or unreadable (it is then recomputed)."""
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    return d if isinstance(d, dict) and d.get("status") == "done" else None
+        """D0 of (model, task) with `mask`, first seed, the suite's budget: RES/diagnostics/d0__<model>__<task>.json,
+        skipped when computed from the same inputs (eval/d0_run.py)."""
+        return ensure_d0(d0_path(self.out / D0_DIR, m.name, task.name), m, task, mask, mask_from,
+                         self.suite.budget(task.kind), self.seed0, D0Settings.of(self.spec),
+                         self._model_sha[m.name], lambda: self.prepared(m, task, self.seed0))

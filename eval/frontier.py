@@ -11,8 +11,10 @@ budget):
   (`bootstrap_ratio`, paired by seed). A task counts only where it is VALID for that seed (the dense model's best
   attack beats the from-scratch model's); other tasks are shown and flagged, never plotted as frontier points,
   never used by the kill rule.
-- beside it: the owner's authorized recovery (`authorized_recovery`) and the audit's best AUROC (mask recovery
-  from the release; 0.5 = chance).
+- beside it: the owner's authorized recovery (`authorized_recovery`), the audit's best AUROC (mask recovery
+  from the release; 0.5 = chance) and the D0 diagnostic of the release (eval/d0.py `headline`: unmasked vs the
+  owner's masked update at the attacker's best learning rate, dense / owner sharpness ratio, verdict), which names
+  the cause of any protection; the dense release's D0 with the first variant's mask is the control.
 Kill criterion (`kill_above`, from the study file), see KILL_RULE.
 Frontier, per valid task: the variants' mean (x, y) over the seeds where the task is valid, with dense at (0, 1);
 the frontier is the points no other point beats on both axes (lower cost and lower ratio).
@@ -23,6 +25,7 @@ from __future__ import annotations
 import math
 
 from pmp.eval import metrics as M
+from pmp.eval.d0 import headline
 
 BASELINE = "dense"  # the reference model's name in a study's attack results
 
@@ -71,11 +74,26 @@ def task_point(agg: dict, role_of: dict[str, str], variant: str, task: str, kill
     return out
 
 
+def d0_summary(rec: dict | None) -> dict | None:
+    """One release's D0 as the frontier shows it: None (D0 off), {'model', 'skipped': why}, or `d0.headline`."""
+    if rec is None:
+        return None
+    return {"model": rec["model"], "skipped": rec["skipped"]} if "skipped" in rec else headline(rec)
+
+
+def d0_control(d0: dict[str, dict] | None, seed: int) -> dict | None:
+    """The dense release's D0 of a seed (with the first variant's mask: the control), or None when D0 is off."""
+    if d0 is None:
+        return None
+    return {"seed": seed, **d0_summary(d0.get(BASELINE, {"model": BASELINE, "skipped": "not run yet"}))}
+
+
 def seed_points(cells: list[dict], variants: list[str], ppl: dict[str, float], audits: dict[str, dict | None],
-                seed: int, kill_above: float) -> list[dict]:
+                seed: int, kill_above: float, d0: dict[str, dict] | None = None) -> list[dict]:
     """The points of one pre-training seed: its attack cells (every variant, `dense` and the from-scratch
-    reference), the held-out perplexity of each run ({name: ppl}, `dense` included) and each variant's audit
-    report (audit.json content, or None when not audited)."""
+    reference), the held-out perplexity of each run ({name: ppl}, `dense` included), each variant's audit
+    report (audit.json content, or None when not audited) and D0 records ({name: eval/d0_run.py record or
+    {'model': name, 'skipped': why}}; None = D0 off)."""
     cells = M.classic_cells(cells)
     agg = M.aggregate(cells)
     present = {c["model"] for c in cells}
@@ -96,6 +114,7 @@ def seed_points(cells: list[dict], variants: list[str], ppl: dict[str, float], a
                                                  "precision_at_rho": best.get("precision_at_rho")},
             "tasks": {t: {**task_point(agg, role_of, v, t, kill_above, boot_seed=seed), "budget": budgets[t]}
                       for t in tasks},
+            "d0": None if d0 is None else d0_summary(d0.get(v, {"model": v, "skipped": "not run yet"})),
         })
     return points
 
@@ -157,12 +176,12 @@ def frontiers(points: list[dict], variants: list[str]) -> dict[str, dict]:
 
 
 def frontier(points: list[dict], variants: list[str], seeds: list[int], kill_above: float,
-             stages: list[dict] | None = None) -> dict:
-    """Everything frontier.json holds."""
+             stages: list[dict] | None = None, d0_controls: list[dict] | None = None) -> dict:
+    """Everything frontier.json holds (`d0_controls`: `d0_control` of each seed where D0 ran)."""
     budgets = {}
     for p in points:
         for t, pt in p["tasks"].items():
             budgets.setdefault(t, pt["budget"])
     return {"format": 1, "seeds": seeds, "variants": variants, "reference": BASELINE, "kill_above": kill_above,
             "kill_rule": KILL_RULE, "budgets": budgets, "points": points, "verdicts": verdicts(points, variants),
-            "frontiers": frontiers(points, variants), "stages": stages or []}
+            "frontiers": frontiers(points, variants), "d0_controls": d0_controls or [], "stages": stages or []}

@@ -1,6 +1,6 @@
 """frontier.md, frontier.png and frontier.json of a study from `eval.frontier.frontier`'s result: the verdict per
-variant, one table row per (variant, seed, task), the frontier per valid task, the attack budgets and the wall
-time of every stage."""
+variant, one table row per (variant, seed, task), the frontier per valid task, the D0 diagnostic per variant and
+seed (with the dense control), the attack budgets and the wall time of every stage."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pmp.atomic import atomic_file, write_json, write_text
 from pmp.eval.frontier import BASELINE
+from pmp.eval.report_durable import d0_mask_label
 from pmp.eval.report_format import fmt, row, table_head
 
 DEFINITIONS = (
@@ -21,6 +22,16 @@ DEFINITIONS = (
     "plotted solid, never used by the kill rule. **authorized recovery** = the owner's best mask-aware fine-tune's "
     "mean gain / the dense model's best attack's. **audit AUROC** = how well the best mask-recovery attack on the "
     "release ranks masked above unmasked entries (0.5 = chance, 1 = the mask is read off the release).")
+
+D0_DEFINITIONS = (
+    "**D0** (eval/d0.py, on one LM task at the suite's LM budget, first fine-tuning seed): a few AdamW steps at each "
+    "learning rate of a grid that train every weight (**unmasked**, what an attacker does) or only the owner's mask "
+    "(**owner**); **Delta_c** = unmasked - owner validation loss after the most steps at the learning rate where "
+    "the unmasked update is best. Protection is only possible where Delta_c > 0: where the unmasked update is worse "
+    "than the masked one at the attacker's best rate. **curvature ratio** = top Hessian eigenvalue over every weight "
+    "/ restricted to the owner's trainable set: near 1 means no curvature barrier (below ~3 an attacker offsets it "
+    "with a few times the steps at a lower rate). The dense release with the first variant's mask is the control: "
+    "a variant's numbers mean something only where they differ from it.")
 
 
 def _budget_line(task: str, b: dict) -> str:
@@ -54,6 +65,34 @@ def _audit(p: dict) -> str:
     return f"{fmt(a['auroc'], 3)} (`{a['best_attack']}`)"
 
 
+def _d0_cells(d: dict | None) -> list[str]:
+    """The points table's D0 columns: Delta_c at the attacker's best lr, curvature ratio."""
+    if d is None:
+        return ["off", "off"]
+    if "skipped" in d:
+        return ["not run", "not run"]
+    return [fmt(d["delta_c"], 4), fmt(d["sharpness_ratio"], 2)]
+
+
+def _d0_section(fr: dict) -> list[str]:
+    rows = [(p["seed"], p["d0"]) for p in fr["points"] if p.get("d0") is not None]
+    rows += [(c["seed"], c) for c in fr.get("d0_controls", [])]
+    if not rows:
+        return ["## D0 diagnostic", "", "Not run (`d0: false` in the study file).", ""]
+    lines = ["## D0 diagnostic (the cause of any protection)", "", D0_DEFINITIONS, ""]
+    lines += table_head(["seed", "release (mask)", "task", "attacker lr", "unmasked loss", "owner loss", "Delta_c",
+                         "curvature ratio (dense / owner)", "verdict"])
+    for seed, d in sorted(rows, key=lambda r: (r[0], r[1].get("model") == BASELINE)):
+        if "skipped" in d:
+            lines.append(row([str(seed), f"`{d['model']}`", "", "", "", "", "", "",
+                              f"not run: {d['skipped']}"]))
+            continue
+        lines.append(row([str(seed), f"`{d['model']}` ({d0_mask_label(d)})", d["task"], f"{d['attacker_lr']:g}",
+                          fmt(d["unmasked_loss"], 4), fmt(d["owner_loss"], 4), fmt(d["delta_c"], 4),
+                          fmt(d["sharpness_ratio"], 2), d["verdict"]]))
+    return lines + [""]
+
+
 def markdown(fr: dict, study_dir: str = "") -> str:
     lines = ["# Protection frontier", "",
              f"- study: `{study_dir}`; pre-training seeds {fr['seeds']}; variants "
@@ -69,13 +108,13 @@ def markdown(fr: dict, study_dir: str = "") -> str:
     lines += ["", "## Points (one per variant, seed and task)", ""]
     lines += table_head(["variant", "seed", "held-out ppl (dense)", "x: ppl cost", "task", "validity",
                          "best attack (dense's)", "y: gain ratio [CI] (n ft seeds)", "authorized recovery",
-                         "audit best AUROC", "kill"])
+                         "audit best AUROC", "kill", "D0 Delta_c", "D0 curvature ratio"])
     for p in fr["points"]:
         for t, pt in p["tasks"].items():
             lines.append(row([f"`{p['variant']}`", str(p["seed"]), f"{fmt(p['ppl'], 2)} ({fmt(p['dense_ppl'], 2)})",
                               f"{p['x']:+.3f}", t, _validity(pt),
                               f"`{pt['best_attack']}` (`{pt['dense_best_attack']}`)", _ratio(pt),
-                              fmt(pt["authorized_recovery"], 2), _audit(p), _kill(pt)]))
+                              fmt(pt["authorized_recovery"], 2), _audit(p), _kill(pt), *_d0_cells(p["d0"])]))
     lines += ["", "## Frontier per valid task", "",
               "Mean (x, y) of each variant over the seeds where the task is valid; dense is (0, 1). On the frontier: "
               "no other point has both a lower cost and a lower ratio.", ""]
@@ -88,7 +127,7 @@ def markdown(fr: dict, study_dir: str = "") -> str:
                 lines.append(row([t, f"`{m['name']}`", f"{m['x']:+.3f}", fmt(m["y"], 2),
                                   str(m["seeds"]) if m["name"] != BASELINE else "-",
                                   "yes" if m["name"] in f["frontier"] else ""]))
-    lines += ["", "![frontier](frontier.png)", "", "## Wall time per stage", "",
+    lines += ["", "![frontier](frontier.png)", ""] + _d0_section(fr) + ["## Wall time per stage", "",
               "Seconds of the call that completed each stage (a stage done by an interrupted and resumed call counts "
               "only its last call; `skipped` stages were already done before this call).", ""]
     lines += table_head(["stage", "wall time (s)", "finished at", "this call"])

@@ -364,11 +364,16 @@ def _statement(d, t: str, cells: list[dict], spec: DurableSpec) -> list[str]:
     return lines + [""]
 
 
+def d0_mask_label(x: dict) -> str:
+    """Whose mask a D0 record (or `d0.headline`) was taken with: the model's own, or another's as a control."""
+    return "its own private mask" if x["mask_from"] == x["model"] else f"the mask of `{x['mask_from']}` (control)"
+
+
 def _d0_lines(diags: list[dict]) -> list[str]:
     lines = []
     for x in diags:
         steps = [str(s) for s in x["steps"]]
-        own = "its own private mask" if x["mask_from"] == x["model"] else f"the mask of `{x['mask_from']}` (control)"
+        own = d0_mask_label(x)
         lines += [f"### D0 diagnostic: `{x['model']}` ({own})", "",
                   f"Validation loss before any update {fmt(x['val_loss_before'], 4)}; AdamW, constant learning rate, "
                   f"batch {x.get('batch_size')}; random mask of the owner's density {fmt(x['owner_density'], 3)}.",

@@ -51,7 +51,8 @@ def read_cell(path: Path) -> dict | None:
     return None if cell_problem(d) else d
 
 
-def _model_sha(spec: ModelSpec) -> str:
+def model_sha(spec: ModelSpec) -> str:
+    """The digest of a model's weights and config (from scratch: its config): what cells and D0 records are keyed by."""
     if spec.path is None:
         return "scratch:" + sha256_file(spec.config_from / "config.json")
     files = sorted(spec.path.glob("*.safetensors")) or sorted(spec.path.glob("*.bin"))
@@ -85,7 +86,7 @@ class Sweep:
         self.recovered = {m.name: PrivateMask.load(m.recovered) for m in models if m.recovered is not None}
         self.density, self.density_source = self._random_mask_density(mask_density)
         self.versions, self.commit = versions(), git_commit()
-        self._model_sha = {m.name: _model_sha(m) for m in models}
+        self._model_sha = {m.name: model_sha(m) for m in models}
         self.heal_text = HealText(heal_file, cache_dir)
         if any(a.kind == "heal_then_ft" for a in suite.attacks):
             self.heal_text.check()  # at input time: nothing is written before every input is checked

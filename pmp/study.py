@@ -4,9 +4,11 @@ the protection frontier they draw (eval/frontier.py: held-out perplexity cost ag
 For every pre-training seed s (`seeds`): a dense reference run and one run per variant (the base recipe with the
 variant's overrides), all with train.data_seed = s -- identical batches -- then their releases, the mask secrecy
 audit of each variant's release, and ONE attack sweep over the dense release, every variant's release and the
-from-scratch reference (so dense and from-scratch cells are shared by all variants of the seed). Every stage
-reuses the pipeline's resumable pieces (pmp/pipeline.py) and is skipped when done; frontier.* is rewritten after
-each seed's attack, so an interrupted study has a partial frontier.
+from-scratch reference (so dense and from-scratch cells are shared by all variants of the seed), then the D0
+diagnostic (eval/d0.py, `d0: true`) of every variant's release with its own mask and of the dense release with the
+first variant's mask (the control), on the attack's first LM task: it names the cause of any protection found.
+Every stage reuses the pipeline's resumable pieces (pmp/pipeline.py) and is skipped when done; frontier.* is
+rewritten after each seed's attack and D0, so an interrupted study has a partial frontier.
 
 DIR/
   study.yaml                    the resolved study of the last call
@@ -14,6 +16,7 @@ DIR/
   releases/s<seed>/<name>/      public releases
   audit/s<seed>/<variant>/      audit.md / audit.json / recovered_mask/ (private: it describes the mask)
   attack/s<seed>/               one results JSON per (model, task, attack, fine-tuning seed) cell
+  d0/s<seed>/d0__<name>__<task>.json   D0 of each variant's release and of the dense control (eval/d0_run.py)
   stages.json                   the wall time of the call that completed each stage
   frontier.md, frontier.png, frontier.json
 """
@@ -33,11 +36,16 @@ from pmp.atomic import write_json, write_text
 from pmp.config import RunConfig
 from pmp.eval import metrics as M
 from pmp.eval.attack import run_attack
-from pmp.eval.attack_inputs import SCRATCH
+from pmp.eval.attack_inputs import SCRATCH, ModelSpec, resolve_tasks
 from pmp.eval.attacks import get_suite
 from pmp.eval.config import AttackSettings, AuditSettings
-from pmp.eval.frontier import BASELINE, frontier, seed_points
+from pmp.eval.d0_run import D0Settings, d0_path, ensure_d0
+from pmp.eval.durable_spec import DurableSpec
+from pmp.eval.frontier import BASELINE, d0_control, frontier, seed_points
 from pmp.eval.frontier_report import write_frontier
+from pmp.eval.models import load_tokenizer
+from pmp.eval.sweep import model_sha
+from pmp.eval.task_data import prepare_task
 from pmp.pipeline import (
     attack_config,
     audit_if_needed,
@@ -52,6 +60,8 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 # What a variant may not change: the comparison is at the same data, budget, seed and held-out measurement.
 FIXED_SECTIONS = ("data", "tokenizer", "model")
 FIXED_TRAIN = ("method", "steps", "batch_size", "grad_accum", "data_seed", "eval_batches")
+D0_DEFAULTS = DurableSpec()  # the durable suite's D0 grid: one protocol for both
+D0_SEED = 0  # the attack sweep's first fine-tuning seed, as the durable suite's D0
 
 
 @dataclass
@@ -70,6 +80,14 @@ class StudyConfig(RunConfig):
                             "best-attack gain ratio on a valid task is above this (eval/frontier.py KILL_RULE)", 0.8)
     audit_variants: bool = doc("audit every variant's release (the frontier's AUROC column; its recovered mask feeds "
                                "recovered_mask attacks)", True)
+    d0: bool = doc("run the D0 diagnostic (eval/d0.py) after each seed's attack: every variant's release with its own "
+                   "mask and the dense release with the first variant's mask (the control), on the attack's first LM "
+                   "task at the suite's LM budget; the frontier's D0 columns name the cause of any protection", True)
+    d0_lrs: list[float] = doc("D0's learning rates (AdamW, constant)", default_factory=lambda: list(D0_DEFAULTS.d0_lrs))
+    d0_steps: list[int] = doc("D0's step counts (validation loss after each; Delta_c is read after the largest)",
+                              default_factory=lambda: list(D0_DEFAULTS.d0_steps))
+    d0_hessian_iters: int = doc("D0's power-iteration steps per top Hessian eigenvalue", D0_DEFAULTS.hessian_iters)
+    d0_hessian_batches: int = doc("D0's training batches the Hessian is taken on", D0_DEFAULTS.hessian_batches)
     attack: AttackSettings = field(default_factory=AttackSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
 
@@ -98,7 +116,12 @@ class StudyConfig(RunConfig):
             seen[key] = name
         for s in self.seeds:
             self.dense_config(s).validate()
+        if self.d0:
+            self.d0_settings().validate("d0_")
         return self
+
+    def d0_settings(self) -> D0Settings:
+        return D0Settings(tuple(self.d0_lrs), tuple(self.d0_steps), self.d0_hessian_iters, self.d0_hessian_batches)
 
     def run_config(self) -> RunConfig:
         return RunConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RunConfig)})
@@ -210,6 +233,40 @@ def _attack(cfg: StudyConfig, releases: dict[str, Path], runs: dict[str, Path], 
     return sweep, sweep["run"] > 0
 
 
+def _d0_task(cfg: StudyConfig):
+    """The task D0 runs on: the first LM (perplexity) task of the attack, in the attack's own task order (its
+    --lm-file first, then the registry's LM probe `movie_dialog` of `default`), or None when it has none."""
+    tasks = resolve_tasks(cfg.attack.tasks, cfg.attack.cache_dir or cfg.data.cache_dir, cfg.attack.task_file,
+                          cfg.attack.text_column, cfg.attack.label_column, cfg.attack.lm_file, cfg.attack.verbalisers)
+    return next((t for t in tasks if t.kind == "lm"), None)
+
+
+def _d0(cfg: StudyConfig, task, releases: dict[str, Path], runs: dict[str, Path], out: Path) -> tuple[dict, bool]:
+    """D0 of every variant's release with its own mask and of the dense release with the first variant's mask (the
+    control: is a variant's curvature any different from dense's?) -> ({name: record or {'model', 'skipped': why}},
+    whether any ran). Each record is skipped when already computed from the same inputs (eval/d0_run.py)."""
+    names = [BASELINE, *cfg.variants]
+    if task is None:
+        why = f"no LM task among the attack's tasks ({cfg.attack.tasks!r}, lm_file {cfg.attack.lm_file!r})"
+        return {n: {"model": n, "skipped": why} for n in names}, False
+    budget, settings = get_suite(cfg.attack.suite).budget(task.kind), cfg.d0_settings()
+    masks = {v: RunDir(runs[v]).load_mask() for v in cfg.variants if RunDir(runs[v]).has_mask()}
+    control = next(iter(masks), None)
+    recs, ran = {}, False
+    for n in names:
+        mask_from = control if n == BASELINE else n
+        if mask_from not in masks:
+            recs[n] = {"model": n, "skipped": "no variant's run keeps a mask to take as the control" if n == BASELINE
+                       else f"its run {runs[n]} keeps no mask (private/mask.json)"}
+            continue
+        m = ModelSpec(n, releases[n], "baseline" if n == BASELINE else "protected", private=runs[n])
+        recs[n], did = ensure_d0(d0_path(out, n, task.name), m, task, masks[mask_from], mask_from, budget, D0_SEED,
+                                 settings, model_sha(m),
+                                 lambda m=m: prepare_task(task, load_tokenizer(m.tokenizer_dir), budget, D0_SEED))
+        ran = ran or did
+    return recs, ran
+
+
 def _check_existing_runs(cfg: StudyConfig, out: Path) -> None:
     """Every run the study finds in `out` must have been started with the config the study gives it now (bookkeeping
     aside; the pipeline's rule): checked for all runs before anything is written, so that a changed study file is
@@ -239,7 +296,8 @@ def run_study(cfg: StudyConfig, out: str | Path) -> dict[str, Path]:
     write_text(out / "study.yaml", dump_yaml(cfg))
     ledger = Ledger(out / "stages.json")
     prepare_data_if_needed(cfg, cfg.attack)
-    variants, points, paths = list(cfg.variants), [], {}
+    variants, points, controls, paths = list(cfg.variants), [], [], {}
+    d0_task = _d0_task(cfg) if cfg.d0 else None
     for s in cfg.seeds:
         configs = {BASELINE: cfg.dense_config(s), **{v: cfg.variant_config(v, s) for v in variants}}
         runs, releases, audits, recovered = {}, {}, {}, {}
@@ -255,8 +313,15 @@ def run_study(cfg: StudyConfig, out: str | Path) -> dict[str, Path]:
         attack_dir = out / "attack" / f"s{s}"
         ledger.run(f"attack s{s}", _attack, cfg, releases, runs, recovered, attack_dir)
         ppl = {n: RunDir(r).read_status()["final_val_ppl"] for n, r in runs.items()}
-        points += seed_points(M.load_cells(attack_dir), variants, ppl, audits, s, cfg.kill_above)
-        fr = frontier(points, variants, cfg.seeds[:cfg.seeds.index(s) + 1], cfg.kill_above, ledger.table())
+        cells, done, d0 = M.load_cells(attack_dir), cfg.seeds[:cfg.seeds.index(s) + 1], None
+        if cfg.d0:  # the attack's frontier first: an interrupted D0 stage leaves it drawn (D0 "not run yet")
+            pts = points + seed_points(cells, variants, ppl, audits, s, cfg.kill_above, {})
+            write_frontier(out, frontier(pts, variants, done, cfg.kill_above, ledger.table(),
+                                         controls + [d0_control({}, s)]), str(out))
+            d0 = ledger.run(f"d0 s{s}", _d0, cfg, d0_task, releases, runs, out / "d0" / f"s{s}")
+            controls.append(d0_control(d0, s))
+        points += seed_points(cells, variants, ppl, audits, s, cfg.kill_above, d0)
+        fr = frontier(points, variants, done, cfg.kill_above, ledger.table(), controls)
         paths = write_frontier(out, fr, str(out))
     print(f"\n[study] done: read {paths['md']}")
     for v, d in fr["verdicts"].items():

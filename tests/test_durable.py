@@ -23,6 +23,7 @@ from pmp.eval.attack_inputs import resolve_models, resolve_tasks
 from pmp.eval.attacks import ATTACKS, Attack, Budget, Suite, config_digest, get_attack, get_suite, load_suite_file
 from pmp.eval.config import AttackConfig, ReportConfig
 from pmp.eval.d0 import loss_hvp, top_eigenvalue
+from pmp.eval.d0_run import D0Settings, d0_inputs_sha
 from pmp.eval.durable import DurableSweep
 from pmp.eval.durable_spec import DurableSpec
 from pmp.eval.finetune import finetune, make_optimizer, random_layouts
@@ -456,6 +457,14 @@ def test_d0_record_names_the_cause(durable_run):
     assert "Cause:" in rec["verdict"]
     dense = json.loads((out / "diagnostics" / "d0__dense__heldout.json").read_text())
     assert dense["mask_from"] == "pmp"  # the baseline with the protected model's mask: the control
+
+
+def test_d0_inputs_digest_is_the_one_durable_results_were_written_with():
+    """The literals are what DurableSweep.ensure_d0 computed before D0 moved to eval/d0_run.py: a durable run in
+    progress reads its finished RES/diagnostics/d0__*.json as done, not as computed from other inputs."""
+    task = SimpleNamespace(name="heldout", train=list(range(10)), test=list(range(4)))
+    for spec, want in ((DurableSpec(), "ed1cea0d6d56781f"), (TINY_SPEC, "42124e8c5a2d4ff8")):
+        assert d0_inputs_sha("a" * 16, "b" * 64, task, TINY_LM, 0, D0Settings.of(spec)) == want
 
 
 # ------------------------------------------------------------------------------------ bad input

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,11 @@ import yaml
 from corpus_fixture import generate_text, write_corpus
 
 from pmp.cli import main
-from pmp.eval.frontier import frontier, pareto, ppl_cost, seed_points
+from pmp.eval.d0 import summarize, verdict
+from pmp.eval.d0_run import D0Settings
+from pmp.eval.durable_spec import DurableSpec
+from pmp.eval.frontier import d0_control, frontier, pareto, ppl_cost, seed_points
+from pmp.eval.frontier_report import markdown
 from pmp.study import StudyConfig
 from pmp.typed_config import load_typed
 
@@ -106,6 +111,46 @@ def test_verdict_over_seeds_and_pareto():
     assert [i["name"] for i in pareto(items)] == ["s", "dense", "p", "u"]
 
 
+def fake_d0(model: str, mask_from: str, unmasked: float, owner: float, lam_dense: float, lam_owner: float) -> dict:
+    """A D0 record (eval/d0_run.py's format) whose attacker's best lr is 1e-3: after 2 steps the unmasked update
+    reaches `unmasked`, the owner's `owner`; top Hessian eigenvalues `lam_dense` / `lam_owner`."""
+    rec = {"status": "done", "model": model, "mask_from": mask_from, "task": "t", "steps": [1, 2],
+           "updates": [{"lr": 1e-3, "dense": {"1": 3.2, "2": unmasked}, "owner": {"1": 3.2, "2": owner},
+                        "random": {"1": 3.3, "2": 3.25}},
+                       {"lr": 1e-2, "dense": {"1": 3.6, "2": 3.5}, "owner": {"1": 2.0, "2": 1.0},
+                        "random": {"1": 3.6, "2": 3.6}}],
+           "curvature": {"dense": {"eigenvalue": lam_dense, "converged": True},
+                         "owner": {"eigenvalue": lam_owner, "converged": True}, "batches": 1}}
+    rec["summary"] = summarize(rec)
+    rec["verdict"] = verdict(rec["summary"])
+    return rec
+
+
+def test_frontier_shows_d0_per_variant_and_the_dense_control():
+    d0 = {"v1": fake_d0("v1", "v1", 3.0, 2.9, 12.0, 3.0), "dense": fake_d0("dense", "v1", 3.0, 3.0, 5.0, 5.0),
+          "v2": {"model": "v2", "skipped": "its run keeps no mask"}}
+    pts = seed_points(hand_cells(), ["v1", "v2"], {"dense": 100.0, "v1": 110.0, "v2": 120.0}, {}, 0, 0.8, d0)
+    v1, v2 = pts[0]["d0"], pts[1]["d0"]
+    # read at the lr where the UNMASKED update is best (1e-3), not where the owner's is (1e-2)
+    assert (v1["attacker_lr"], v1["steps"], v1["unmasked_loss"], v1["owner_loss"]) == (1e-3, 2, 3.0, 2.9)
+    assert v1["delta_c"] == pytest.approx(0.1) and v1["sharpness_ratio"] == pytest.approx(4.0)
+    assert v1["verdict"] == d0["v1"]["verdict"] and "a curvature barrier" in v1["verdict"]
+    assert v2 == {"model": "v2", "skipped": "its run keeps no mask"}
+    control = d0_control(d0, 0)
+    assert control["seed"] == 0 and control["mask_from"] == "v1" and control["sharpness_ratio"] == pytest.approx(1)
+    fr = frontier(pts, ["v1", "v2"], [0], 0.8, d0_controls=[control])
+    assert fr["d0_controls"] == [control]
+    md = markdown(fr)
+    assert "| D0 Delta_c | D0 curvature ratio |" in md and "| 0.1000 | 4.00 |" in md and "| not run | not run |" in md
+    assert "Protection is only possible where Delta_c > 0" in md and "near 1 means no curvature barrier" in md
+    assert "`v1` (its own private mask) | t | 0.001 | 3.0000 | 2.9000 | 0.1000 | 4.00 |" in md
+    assert "`dense` (the mask of `v1` (control)) | t |" in md and "not run: its run keeps no mask" in md
+    assert md.index("`v1` (its own") < md.index("`dense` (the mask")  # variants first, the control last
+    off = markdown(frontier(seed_points(hand_cells(), ["v1"], {"dense": 100.0, "v1": 110.0}, {}, 0, 0.8), ["v1"],
+                            [0], 0.8))
+    assert "| off | off |" in off and "Not run (`d0: false` in the study file)" in off
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 def study_args(tmp_path: Path, out: Path) -> list[str]:
     files = write_corpus(tmp_path)
@@ -116,7 +161,8 @@ def study_args(tmp_path: Path, out: Path) -> list[str]:
             "model.intermediate_size": 64, "train.steps": 20, "train.batch_size": 4, "train.warmup_steps": 2,
             "train.eval_every": 0, "train.eval_batches": 2, "train.ckpt_every": 0, "train.progress": False,
             "train.threads": 1, "pmp.min_warmup_steps": 5, "pmp.max_warmup_steps": 5, "audit.max_seconds": 20,
-            "audit.max_seed": 5, "audit.grad_batches": 1, "audit.activation_batches": 1}
+            "audit.max_seed": 5, "audit.grad_batches": 1, "audit.activation_batches": 1,
+            "d0_lrs": "[0.001,0.01]", "d0_steps": "[1,2]", "d0_hessian_iters": 3, "d0_hessian_batches": 1}
     args = ["study", str(ROOT / "configs" / "study_debug.yaml"), "--out", str(out), "--set", "seeds=[0,1]",
             "--tasks", "none", "--lm-file", str(lm), "--suite", str(ROOT / "configs" / "attack_debug.yaml")]
     for k, v in sets.items():
@@ -125,7 +171,7 @@ def study_args(tmp_path: Path, out: Path) -> list[str]:
 
 
 def _mtimes(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for sub in ("runs", "releases", "audit", "attack")
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for sub in ("runs", "releases", "audit", "attack", "d0")
             for p in (root / sub).rglob("*") if p.is_file() and p.name not in ("sweep.json", ".pmp.lock")}
 
 
@@ -163,6 +209,28 @@ def test_study_end_to_end_then_skips_every_finished_stage(tmp_path, capsys):
         assert rc["train"]["data_seed"] == s and rc["train"]["method"] == ("dense" if name == "dense" else "pmp")
         assert rc["pmp"]["variant"] == ("trap" if name == "trap" else "none")
 
+    # D0 of each variant's release with its own mask and of dense with the first variant's mask (the control)
+    for s in (0, 1):
+        files = sorted(f.name for f in (out / "d0" / f"s{s}").iterdir())
+        assert files == [f"d0__{n}__heldout.json" for n in ("dense", "frozen_r05", "trap")]
+        recs = {n: json.loads((out / "d0" / f"s{s}" / f"d0__{n}__heldout.json").read_text())
+                for n in ("dense", "frozen_r05", "trap")}
+        assert {n: r["mask_from"] for n, r in recs.items()} == {"dense": "frozen_r05", "frozen_r05": "frozen_r05",
+                                                                "trap": "trap"}
+        assert all([u["lr"] for u in r["updates"]] == [1e-3, 1e-2] and r["steps"] == [1, 2] for r in recs.values())
+        assert recs["dense"]["batch_size"] == 4 and recs["dense"]["data"]["train_blocks"] <= 40  # the suite's LM budget
+        for p in (p for p in fr["points"] if p["seed"] == s):
+            d, r = p["d0"], recs[p["variant"]]
+            assert d["verdict"] == r["verdict"] and d["task"] == "heldout" and d["attacker_lr"] in (1e-3, 1e-2)
+            assert d["delta_c"] == pytest.approx(r["summary"]["delta_c_at_attacker_lr"])
+            assert d["sharpness_ratio"] == pytest.approx(r["summary"]["sharpness_ratio"])
+            assert d["unmasked_loss"] - d["owner_loss"] == pytest.approx(d["delta_c"])
+    assert [(c["seed"], c["model"], c["mask_from"]) for c in fr["d0_controls"]] == [(0, "dense", "frozen_r05"),
+                                                                                   (1, "dense", "frozen_r05")]
+    assert "## D0 diagnostic" in md and "| D0 Delta_c | D0 curvature ratio |" in md
+    assert "`dense` (the mask of `frozen_r05` (control)) | heldout |" in md
+    assert {"d0 s0", "d0 s1"} <= set(stages)
+
     # a second call redoes nothing: every run, release, audit and cell file is untouched, the ledger too
     before, ledger = _mtimes(out), (out / "stages.json").read_text()
     capsys.readouterr()
@@ -179,10 +247,20 @@ def test_study_end_to_end_then_skips_every_finished_stage(tmp_path, capsys):
     assert "runs/s0/dense was trained with another config (train.lr: 0.003 -> 0.001)" in capsys.readouterr().err
     assert _mtimes(out) == before and (out / "study.yaml").read_text() == study_yaml
 
+    # d0: false runs no D0 (and writes none); the frontier says so
+    shutil.rmtree(out / "d0")
+    assert main(args + ["--set", "d0=false"]) == 0
+    assert not (out / "d0").exists() and (out / "stages.json").read_text() == ledger
+    off = json.loads((out / "frontier.json").read_text())
+    assert all(p["d0"] is None for p in off["points"]) and off["d0_controls"] == []
+    assert not any(s["stage"].startswith("d0") for s in off["stages"])
+    assert "Not run (`d0: false` in the study file)" in (out / "frontier.md").read_text()
+
 
 def test_example_study_files_resolve_to_the_runs_they_promise():
     cfg = load_typed(StudyConfig, ROOT / "configs" / "study_frontier.yaml")
     assert cfg.seeds == [0, 1] and cfg.kill_above == 0.8 and cfg.model.preset == "small"
+    assert cfg.d0 is True and cfg.d0_settings() == D0Settings.of(DurableSpec())  # the durable suite's D0 grid
     want = {"frozen_r05": ("none", "frozen", 0.5), "frozen_r01": ("none", "frozen", 0.1),
             "project": ("none", "project", 0.5), "trap": ("trap", "frozen", 0.5), "illcond": ("illcond", "frozen", 0.5)}
     assert set(cfg.variants) == set(want)
@@ -220,6 +298,8 @@ BAD = [
     ("variants: {a: {}}\nseeds: [-1]\n", "seeds must be integers >= 0"),
     ("variants: {a: {}}\nseeds: 3\n", "seeds: expected a list"),
     ("variants: {a: {}}\nkill_above: 0\n", "kill_above must be > 0"),
+    ("variants: {a: {}}\nd0_steps: [0]\n", "d0_steps must be step counts >= 1"),
+    ("variants: {a: {}}\nd0_lrs: []\n", "d0_lrs must be learning rates > 0"),
     ("variants: {a: {}}\nvariantz: {}\n", "did you mean 'variants'"),
     ("variants: {a: {}}\nattack: {lm_file: /nonexistent/heldout.txt}\n", "attack.lm_file /nonexistent/heldout.txt "
      "does not exist"),
