@@ -42,6 +42,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shape_args(ap, gpu)
     ap.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.25, 0.5])
+    ap.add_argument("--split-k", type=int, default=None,
+                    help="token slices of the Triton dW kernel (default: the dispatch decides; needs the Triton path)")
     args = ap.parse_args()
     dtype = parse_dtype(args.dtype)
     O, I, T = args.O, args.I, args.T
@@ -51,6 +53,13 @@ def main() -> None:
     x = torch.randn(T, I, device=dev, dtype=dtype)
     flops = 2.0 * T * O * I
     impl = backend(dy, x)
+    grad_fn = masked_weight_grad
+    if args.split_k is not None:
+        if impl != "triton":
+            ap.error("--split-k needs the Triton path (a GPU, or PMP_KERNELS=triton with TRITON_INTERPRET=1)")
+        from pmp.kernels import sddmm  # noqa: PLC0415 - lazy Triton: CPU runs never import it
+
+        grad_fn = functools.partial(sddmm.masked_weight_grad, split_k=args.split_k)
     has_mm32 = mm_fp32_out(dy[:1].T, x[:1]) is not None
 
     t_mm = bench_ms(lambda: dy.T @ x, dev, args.reps)
@@ -59,7 +68,7 @@ def main() -> None:
     for d in args.densities:
         layout = MaskLayout.from_bool(torch.rand(O, I, device=dev) < d)
         layout.flat_index()  # cached outside the timed region (the reference path needs it)
-        ours = functools.partial(masked_weight_grad, dy, x, layout)
+        ours = functools.partial(grad_fn, dy, x, layout)
 
         def mm32_gather(layout=layout):
             return gather_compact(mm_fp32_out(dy.T, x), layout, dtype=torch.float32)
@@ -85,7 +94,7 @@ def main() -> None:
             "peak MiB mm32+gather": peak_mem_mb(mm32_gather, dev) if has_mm32 else None,
             "peak MiB ours": peak_mem_mb(ours, dev),
         })
-    print(f"masked dW  O={O} I={I} T={T} {args.dtype}  ours={impl}  device={dev}"
+    print(f"masked dW  O={O} I={I} T={T} {args.dtype}  ours={impl}  split_k={args.split_k}  device={dev}"
           + ("" if has_mm32 else "  (no fp32-output torch.mm here: mm32 columns empty)"))
     cols = ["density", "nnz", "mm ms", "mm TFLOP/s", "mm32 ms", "mm32+gather ms", "ours ms", "ours TFLOP/s",
             "ours/mm (target <= 1.1)", "ours/mm32+gather", "out MiB mm32+gather", "out MiB ours"]
@@ -93,7 +102,8 @@ def main() -> None:
         cols += ["peak MiB mm32+gather", "peak MiB ours"]
     print_table(rows, cols)
     if not args.no_save:
-        write_results("masked_dw", {"O": O, "I": I, "T": T, "dtype": args.dtype, "ours": impl}, rows, dev)
+        write_results("masked_dw", {"O": O, "I": I, "T": T, "dtype": args.dtype, "ours": impl,
+                                    "split_k": args.split_k}, rows, dev)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,15 @@ Sections
 - masked AdamW (bf16 weight with fp32 master; density 0.05 / 0.1 / 0.5): state against the reference, dense
   write exact, complement bit-identical; bandwidth under the 32-B sector byte model against a copy measured in
   the same run (target >= 80 %), beside ``torch.optim.AdamW(fused=True)`` on the dense weight.
+- dW split-K (bf16, T = 16384; 768x768, 2048x768, 3072x768 -- base125m-like layers whose 128x128 grids of
+  36-144 tiles leave 132 SMs part idle; density 0.5): error of each split against the fp32-output GEMM; time of
+  no split, of S = 2 / 4 / ``auto_split_k``, and of the tuned dispatch (which times split against no split)
+  against ``dy.T @ x``.
+- multi-tensor masked AdamW (all 111 tensors of base125m: bf16 weights with fp32 masters at density 0.1 and 0.5,
+  fp32 weights without master at 0.5): one ``masked_adamw_multi_`` call (address tables cached, and rebuilt every
+  call as when autograd reallocates the gradients) against a ``masked_adamw_`` call per tensor and against
+  ``torch.optim.AdamW(fused=True)`` over dense fp32 tensors of the same shapes; state checked against the
+  per-tensor reference.
 - probes: a 1-D tensor past the old grid-y limit (68.2 M entries), a weight over 2**31 entries, block size 256.
 Exit status 1 on a compile problem, a wrong result or a crash; a missed speed target is reported, not fatal.
 """
@@ -24,6 +33,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -43,14 +53,17 @@ import triton  # noqa: E402
 from common import sector_bytes  # noqa: E402
 
 from pmp import kernels  # noqa: E402
-from pmp.kernels import MaskLayout, reference, sddmm  # noqa: E402
+from pmp.kernels import AdamWEntry, MaskLayout, reference, sddmm  # noqa: E402
 
 DEV = "cuda" if GPU else "cpu"
 DT = torch.bfloat16
+# model: (hidden, layers, intermediate, vocab) of the multi-tensor AdamW section (base125m; a toy for the smoke run)
 if GPU:
-    S = dict(T=16384, shapes=[(4096, 4096), (11008, 4096), (4096, 11008)], oned=(1 << 26) + (1 << 20), big=46341)
-else:
-    S = dict(T=64, shapes=[(96, 160)], oned=5000, big=None)
+    S = dict(T=16384, shapes=[(4096, 4096), (11008, 4096), (4096, 11008)], oned=(1 << 26) + (1 << 20), big=46341,
+             split_T=16384, split_shapes=[(768, 768), (2048, 768), (3072, 768)], model=(768, 12, 2048, 32000))
+else:  # 301 tokens: 3 interpreter BLOCK_K steps, so S = 2 and 3 really split
+    S = dict(T=64, shapes=[(96, 160)], oned=5000, big=None, split_T=301, split_shapes=[(96, 160)],
+             model=(32, 2, 64, 100))
 REPORT: dict = {"device": torch.cuda.get_device_name() if GPU else "cpu (smoke: interpreter, timings meaningless)",
                 "torch": torch.__version__, "triton": triton.__version__, "rows": [], "failures": []}
 TARGETS: list[dict] = []
@@ -116,7 +129,7 @@ def compile_section() -> None:
         out = os.path.join(tmp, "compile.json")
         cmd = [sys.executable, "-m", "pmp.kernels.compile_check", "--targets", "sm_90a", "--json", out]
         if not GPU:
-            cmd += ["--kernels", "adamw_compact", "gather"]  # smoke: the code path, not every kernel
+            cmd += ["--kernels", "adamw_compact", "split_reduce"]  # smoke: the code path, not every kernel
         proc = subprocess.run(cmd, env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True)
         print(proc.stdout[-20000:])
         if not os.path.exists(out):
@@ -217,6 +230,110 @@ def adamw_section() -> None:
             del dense, st, ref, before
 
 
+def splitk_section() -> None:
+    T = S["split_T"]
+    sms = sddmm._sm_count(torch.device(DEV))
+    keys_before = set(sddmm._TUNER.timings)
+    for O, I in S["split_shapes"]:
+        dy = torch.randn(T, O, device=DEV, dtype=DT)
+        x = torch.randn(T, I, device=DEV, dtype=DT)
+        mask = torch.rand(O, I, device=DEV) < 0.5
+        lay = MaskLayout.from_bool(mask)
+        want = mm32(dy.T, x)[mask]
+        t_mm = ms(functools.partial(torch.mm, dy.T, x))
+        cfg = sddmm.dw_configs(DT)[0]
+        tiles = triton.cdiv(O, cfg["BLOCK_M"]) * triton.cdiv(I, cfg["BLOCK_N"])
+        auto = sddmm.auto_split_k(tiles, T, sms)
+        times = {}
+        for split in sorted({1, 2, 3 if not GPU else 4, auto}) + [None]:  # None: the tuned dispatch
+            out = sddmm.masked_weight_grad(dy, x, lay, split_k=split)  # first call per split also tunes
+            err = rel_err(out, want)
+            if not err < 1e-3 or out.isnan().any():
+                fail(f"dW split-K {O}x{I} split_k={split}: rel err {err:.2e}")
+            times[split] = ms(functools.partial(sddmm.masked_weight_grad, dy, x, lay, split_k=split))
+            row(section="dW split-K", O=O, I=I, T=T, density=0.5, tiles_128x128=tiles, sms=sms, auto_split=auto,
+                split_k="tuned" if split is None else split, rel_err=err, ours_ms=times[split], mm_bf16_ms=t_mm,
+                ratio_vs_mm=times[split] / t_mm, speedup_vs_no_split=times[1] / times[split])
+        if auto > 1:
+            target(f"dW split-K {O}x{I} auto S={auto} (time / no split)", times[auto] / times[1], 1.0)
+        target(f"dW split-K {O}x{I} tuned (time / no split)", times[None] / times[1], 1.0)
+        del dy, x, want
+    for key, timings in sddmm._TUNER.timings.items():
+        if key not in keys_before:
+            row(section="dW split-K tuner", key=[str(k) for k in key],
+                timings_ms={json.dumps(c, sort_keys=True): round(t, 4) for c, t in timings})
+
+
+def _model_shapes(hidden: int, layers: int, inter: int, vocab: int) -> list[tuple[int, ...]]:
+    """Parameter shapes of a Llama-style model (base125m: 111 tensors, 134 M entries)."""
+    block = [(hidden, hidden)] * 4 + [(inter, hidden)] * 2 + [(hidden, inter)] + [(hidden,)] * 2
+    return [(vocab, hidden)] + block * layers + [(hidden,), (vocab, hidden)]
+
+
+def _adamw_multi_case(shapes, dense_dtype: torch.dtype, d: float, with_master: bool, t_fused: float) -> None:
+    hyper = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=3)
+    entries, refs = [], []
+    for sh in shapes:
+        mask = torch.rand(sh, device=DEV) < d
+        lay = MaskLayout.from_bool(mask)
+        dense = torch.randn(sh, device=DEV).to(dense_dtype)
+        master = dense[mask].float() if with_master else None
+        st = [torch.randn(lay.nnz, device=DEV), torch.randn(lay.nnz, device=DEV), torch.rand(lay.nnz, device=DEV)]
+        entries.append(AdamWEntry(dense, master, *st, lay))
+        refs.append(AdamWEntry(dense.clone(), master.clone() if with_master else None, *(t.clone() for t in st), lay))
+    cache: dict = {}
+    kernels.masked_adamw_multi_(entries, cache=cache, **hyper)
+    for r in refs:
+        reference.masked_adamw_(*r, **hyper)
+    pairs = [(e.exp_avg, r.exp_avg) for e, r in zip(entries, refs)] + [(e.exp_avg_sq, r.exp_avg_sq)
+                                                                        for e, r in zip(entries, refs)]
+    pairs += [(e.master, r.master) for e, r in zip(entries, refs) if with_master]
+    ok = all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in pairs)
+    if dense_dtype == torch.float32 or not GPU:  # the interpreter truncates bf16 stores: one bf16 ulp
+        rtol = 1e-5 if dense_dtype == torch.float32 else 1e-2
+        ok = ok and all(torch.allclose(e.dense.float(), r.dense.float(), rtol=rtol, atol=1e-6)
+                        for e, r in zip(entries, refs))
+    else:
+        ok = ok and all(torch.equal(e.dense, r.dense) for e, r in zip(entries, refs))
+    if not ok:
+        fail(f"multi-tensor AdamW {dense_dtype} d={d}: differs from the per-tensor reference")
+    del refs, pairs
+
+    def multi():
+        kernels.masked_adamw_multi_(entries, cache=cache, **hyper)
+
+    def multi_rebuilt():  # as when autograd hands over new gradient tensors every step
+        for plan in cache.values():
+            plan.grad_ptrs = None
+        multi()
+
+    def per_tensor():
+        for e in entries:
+            kernels.masked_adamw_(*e, **hyper)
+
+    t_multi, t_rebuilt, t_per = ms(multi), ms(multi_rebuilt), ms(per_tensor)
+    (plan,) = cache.values()
+    row(section="masked AdamW multi-tensor", dense=str(dense_dtype), master=with_master, density=d,
+        tensors=len(entries), numel=sum(math.prod(sh) for sh in shapes), nnz=sum(e.layout.nnz for e in entries),
+        launches_multi=sum(1 + len(b.dense) for b in plan.batches), launches_per_tensor=2 * len(entries),
+        multi_ms=t_multi, multi_tables_rebuilt_ms=t_rebuilt, per_tensor_ms=t_per, fused_dense_adamw_ms=t_fused,
+        speedup_vs_per_tensor=t_per / t_multi, ratio_vs_fused_dense=t_multi / t_fused)
+    target(f"multi-tensor AdamW {str(dense_dtype)[6:]} d={d} (multi / per-tensor launches)", t_multi / t_per, 1.0)
+
+
+def adamw_multi_section() -> None:
+    shapes = _model_shapes(*S["model"])
+    params = [torch.nn.Parameter(torch.randn(sh, device=DEV)) for sh in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, **({"fused": True} if GPU else {}))
+    opt.step()
+    t_fused = ms(opt.step)
+    del params, opt
+    for dense_dtype, d, with_master in ((DT, 0.1, True), (DT, 0.5, True), (torch.float32, 0.5, False)):
+        _adamw_multi_case(shapes, dense_dtype, d, with_master, t_fused)
+
+
 def probes() -> None:
     n = S["oned"]  # 1-D tensor: the old 2-D grid put cdiv(n, 1024) > 65,535 programs on axis 1
     mask = torch.rand(n, device=DEV) < 0.1
@@ -267,7 +384,8 @@ def main() -> int:
     args = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    for name, fn in (("compile", compile_section), ("dW", dw_section), ("masked AdamW", adamw_section),
+    for name, fn in (("compile", compile_section), ("dW", dw_section), ("dW split-K", splitk_section),
+                     ("masked AdamW", adamw_section), ("masked AdamW multi-tensor", adamw_multi_section),
                      ("probes", probes)):
         section(name, fn)
     print("\n== targets" + ("" if GPU else " (smoke: interpreter timings, the ratios mean nothing)"))

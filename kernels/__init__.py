@@ -13,19 +13,24 @@ Triton modules are imported lazily, so ``import pmp.kernels`` works without trit
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+from collections.abc import Sequence
 
 import torch
 
 from . import reference
 from .mask_layout import MaskLayout
+from .reference import AdamWEntry
 
 __all__ = [
+    "AdamWEntry",
     "MaskLayout",
     "backend",
     "gather_compact",
     "masked_adamw_",
+    "masked_adamw_multi_",
     "masked_weight_grad",
     "pack_mask",
     "row_popcount",
@@ -36,6 +41,13 @@ __all__ = [
 _MODES = ("auto", "torch", "triton")
 
 
+@functools.cache
+def _has_triton() -> bool:
+    """Whether triton is installed, looked up once per process: until triton is imported ``find_spec`` walks
+    sys.path (66 us a call on the CPU VM), and every op asks on every call."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def backend(*tensors: torch.Tensor) -> str:
     """Which implementation ("triton" or "torch") an op on ``tensors`` uses under the current environment."""
     mode = os.environ.get("PMP_KERNELS", "auto").strip().lower() or "auto"
@@ -43,7 +55,7 @@ def backend(*tensors: torch.Tensor) -> str:
         raise ValueError(f"PMP_KERNELS must be one of {_MODES}, got {mode!r}")
     if mode == "torch":
         return "torch"
-    has_triton = importlib.util.find_spec("triton") is not None
+    has_triton = _has_triton()
     if any(t.is_cuda for t in tensors):
         if mode == "triton" and not has_triton:
             raise RuntimeError("PMP_KERNELS=triton but triton is not installed")
@@ -151,3 +163,29 @@ def masked_adamw_(
         dense, master, grad, exp_avg, exp_avg_sq, layout,
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
     )
+
+
+def masked_adamw_multi_(
+    entries: Sequence[AdamWEntry],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    cache: dict | None = None,
+) -> None:
+    """One AdamW step for several tensors that share hyperparameters and step (e.g. one param group).
+
+    Each entry is an :class:`AdamWEntry`: a masked weight (the :func:`masked_adamw_` arguments) or, with
+    ``layout=None``, a densely trained parameter stepped on all its entries. The Triton path runs one compact
+    launch for all of them plus one dense-write launch per (dense dtype, tile shape, with/without master);
+    ``cache`` (a dict the caller keeps per param group) holds its launch plans between steps. The torch path
+    steps the entries one by one exactly as :func:`masked_adamw_` / ``reference.adamw_update_`` do.
+    """
+    if entries and backend(entries[0].dense, entries[0].grad) == "triton":
+        from .masked_adamw import masked_adamw_multi_ as impl  # noqa: PLC0415 - lazy Triton: the CPU path never imports the kernels
+    else:
+        impl = reference.masked_adamw_multi_
+    impl(entries, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, cache=cache)

@@ -5,12 +5,14 @@ sm_80 with triton's bundled ``ptxas`` -- no GPU needed.
     python -m pmp.kernels.compile_check --json out.json --include-refused
 
 A spec is one (kernel, launch config, dtypes, alignment) as the host functions launch it; the configs come from
-the same functions the dispatch calls (``sddmm.dw_configs``, ``sddmm.block_config``,
-``triton_utils.elementwise_menu``, ``masked_adamw.compact_config``, the bitmask blocks), so a new config is
-checked without editing this file. A problem is a compile error, shared memory above the target's limit (the
-first launch would raise OutOfResources), or register spills in a hot kernel (the per-step kernels: dW,
-routing, AdamW). ``--include-refused`` adds configs the dispatch refuses (block size 256) to show that the
-check catches them; they do not affect the exit status.
+the same functions the dispatch calls (``sddmm.dw_configs``, ``sddmm.block_config``, ``sddmm.split_reduce_config``,
+``triton_utils.elementwise_menu``, ``masked_adamw.compact_config``, the bitmask blocks), so a new config is checked
+without editing this file. Split-K needs no dW specs of its own: the dW kernels take the token slice as runtime
+arguments, so one binary serves every split (only its reduction is a new kernel). A problem is a compile error,
+shared memory above the target's limit (the first launch would raise OutOfResources), or register spills in a hot
+kernel (the per-step kernels: dW and its split-K reduction, routing, AdamW single- and multi-tensor).
+``--include-refused`` adds configs the dispatch refuses (block size 256) to show that the check catches them; they
+do not affect the exit status.
 
 Run it with TRITON_INTERPRET unset: under the interpreter ``triton.jit`` returns interpreted functions, which
 cannot be compiled (the test suite runs this module in a subprocess for that reason).
@@ -79,7 +81,7 @@ class Result:
 def _dw_args(dt: str, cfg: dict, precision: str) -> dict:
     return dict(
         dy_ptr=f"*{dt}", x_ptr=f"*{dt}", words_ptr="*i32", prefix_ptr="*i32", out_ptr="*fp32",
-        T="i32", O="i32", I="i32", W="i32",
+        T="i32", O="i32", I="i32", W="i32", N="i32", K_SLICE="i32",
         stride_dy_t="i32", stride_dy_o=1, stride_x_t="i32", stride_x_i=1, stride_w="i32",
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         CONTIGUOUS_STORES=cfg["CONTIGUOUS_STORES"], UPCAST=False, INPUT_PRECISION=precision,
@@ -89,7 +91,7 @@ def _dw_args(dt: str, cfg: dict, precision: str) -> dict:
 def _block_args(dt: str, bs: int, cfg: dict, precision: str) -> dict:
     return dict(
         dy_ptr=f"*{dt}", x_ptr=f"*{dt}", blocks_ptr="*i32", prefix_ptr="*i32", out_ptr="*fp32",
-        T="i32", O="i32", I="i32",
+        T="i32", O="i32", I="i32", N="i32", K_SLICE="i32", n_active="i32",
         stride_dy_t="i32", stride_dy_o=1, stride_x_t="i32", stride_x_i=1, stride_w="i32",
         BLOCK=bs, BLOCK_K=cfg["BLOCK_K"], UPCAST=False, INPUT_PRECISION=precision,
     )
@@ -149,6 +151,29 @@ def dispatch_specs(include_refused: bool = False) -> list[Spec]:
         for aligned in (True, False):
             specs.append(Spec("adamw_compact", f"HAS_MASTER={has_master} {_label(cfg)}",
                               masked_adamw._adamw_compact_kernel, a, cfg["num_warps"], aligned=aligned))
+    # multi-tensor masked AdamW: one compact launch over all tensors of a group (ALIGNED: every address 16-B
+    # aligned, as torch allocations are), then one dense write per (dense dtype, tile)
+    scalars = dict(decay="fp32", one_minus_beta1="fp32", beta2="fp32", one_minus_beta2="fp32",
+                   bias_correction2_sqrt="fp32", eps="fp32", neg_step_size="fp32")
+    for aligned in (True, False):
+        specs.append(Spec("adamw_compact_multi", f"ALIGNED={int(aligned)} {_label(cfg)}",
+                          masked_adamw._adamw_compact_multi_kernel,
+                          dict(work_ptr="*i32", table_ptr="*i64", update_ptr="*fp32", **scalars, BLOCK=cfg["BLOCK"],
+                               ALIGNED=aligned), cfg["num_warps"]))
+    for tile in elementwise_menu():
+        for dt, apply in (("fp32", False), ("bf16", False), ("fp16", False), ("fp32", True)):
+            a = dict(work_ptr="*i32", table_ptr="*i64", dense_type_ptr=f"*{dt}", update_ptr="*fp32", decay="fp32",
+                     BLOCK_R=tile["BLOCK_R"], BLOCK_C=tile["BLOCK_C"], APPLY_UPDATE=apply)
+            specs.append(Spec("adamw_dense_multi", f"{'apply update' if apply else 'scatter'} fp32->{dt} "
+                                                   f"{_label(tile)}", masked_adamw._dense_multi_kernel, a,
+                              tile["num_warps"]))
+    # split-K dW: the reduction of the fp32 workspace [S, nnz] (the dW kernels take the split as runtime
+    # arguments, so the specs above are the split launches too); slices start at s * nnz, often unaligned
+    cfg = sddmm.split_reduce_config()
+    for aligned in (True, False):
+        specs.append(Spec("split_reduce", _label(cfg), sddmm._split_reduce_kernel,
+                          dict(ws_ptr="*fp32", out_ptr="*fp32", N="i32", S="i32", BLOCK=cfg["BLOCK"]),
+                          cfg["num_warps"], aligned=aligned))
     # bit masks (setup-time, not per step)
     specs.append(Spec("pack", f"BLOCK={bitmask.PACK_BLOCK}", bitmask._pack_kernel, dict(
         mask_ptr="*u8", words_ptr="*i32", C="i32", W="i32", n_words_total="i32", stride_mr="i32", stride_wr="i32",

@@ -8,6 +8,9 @@ N = nnz (masked entries, canonical row-major order; see ``mask_layout.py``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
 
 from .mask_layout import MaskLayout, pack_bits, unpack_bits, view_2d, word_popcount
@@ -161,6 +164,37 @@ def masked_adamw_(
     adamw_update_(master, grad, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                   weight_decay=weight_decay, step=step)
     return scatter_compact_(dense, master, layout)
+
+
+class AdamWEntry(NamedTuple):
+    """One tensor of a multi-tensor AdamW step (``masked_adamw_multi_``).
+
+    Masked weight (``layout`` set): the arguments of :func:`masked_adamw_` -- ``dense`` the weight the forward
+    uses, ``master`` its compact fp32 master or None (fp32 dense), compact fp32 ``grad`` / moments.
+    Dense parameter (``layout`` None, ``master`` None): every entry trains; ``grad`` and the moments are shaped
+    like ``dense`` (the :func:`adamw_update_` arguments).
+    """
+
+    dense: torch.Tensor
+    master: torch.Tensor | None
+    grad: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    layout: MaskLayout | None
+
+
+def masked_adamw_multi_(entries: Sequence[AdamWEntry], *, lr: float, beta1: float, beta2: float, eps: float,
+                        weight_decay: float, step: int, cache: dict | None = None) -> None:
+    """One AdamW step on every entry (shared hyperparameters and step): :func:`masked_adamw_` per masked weight,
+    :func:`adamw_update_` per dense parameter, in order. ``cache`` is the Triton path's launch-plan cache."""
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
+    for e in entries:
+        if e.layout is None:
+            if e.master is not None:
+                raise ValueError("a dense AdamWEntry (layout=None) updates `dense` itself: master must be None")
+            adamw_update_(e.dense, e.grad, e.exp_avg, e.exp_avg_sq, **hyper)
+        else:
+            masked_adamw_(e.dense, e.master, e.grad, e.exp_avg, e.exp_avg_sq, e.layout, **hyper)
 
 
 def adamw_update_(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, step) -> None:

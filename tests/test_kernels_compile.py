@@ -3,10 +3,12 @@ and sm_80 with triton's bundled ptxas (no GPU needed), fits the target's shared 
 kernels -- does not spill registers. Configs that cannot compile are refused with a ValueError.
 
 The compile runs ``python -m pmp.kernels.compile_check`` in a subprocess: under TRITON_INTERPRET=1 (set by
-conftest.py on CPU machines) ``triton.jit`` returns interpreted functions, which cannot be compiled. 126 compiles on
-2 cores: 20 s (idle) to 43 s (cores shared, load ~5) with an empty triton cache, ~13 s with a warm one.
+conftest.py on CPU machines) ``triton.jit`` returns interpreted functions, which cannot be compiled. 166 compiles on
+2 cores (126 before split-K and the multi-tensor AdamW): 20 s (idle) to 43 s (cores shared, load ~5) for 126 with an
+empty triton cache, ~13 s with a warm one.
 """
 
+import inspect
 import json
 import os
 import subprocess
@@ -45,8 +47,9 @@ def test_every_dispatch_config_compiles_within_limits(results):
     assert not bad, "\n".join(bad)
     assert {r["target"] for r in dispatch} == {"sm_90a", "sm_80"}
     kernels = {r["kernel"] for r in dispatch}
-    assert kernels == {"sddmm", "block_sddmm", "gather", "scatter", "adamw_compact", "adamw_apply_update", "pack",
-                       "unpack", "row_popcount"}
+    assert kernels == {"sddmm", "block_sddmm", "split_reduce", "gather", "scatter", "adamw_compact",
+                       "adamw_apply_update", "adamw_compact_multi", "adamw_dense_multi", "pack", "unpack",
+                       "row_popcount"}
     for r in dispatch:  # the hot kernels all reported their resources
         assert r["registers"] is not None and r["shared"] <= r["shared_limit"]
 
@@ -60,6 +63,20 @@ def test_specs_cover_the_dispatch_menus():
     assert len([s for s in specs if s.kernel == "adamw_apply_update"]) == len(elementwise_menu())
     blocks = {int(s.config.split("BLOCK=")[1].split()[0]) for s in specs if s.kernel == "block_sddmm"}
     assert blocks == set(sddmm.BLOCK_SIZES) == set(_SUPPORTED_BLOCK_SIZES) - {0}
+    # multi-tensor AdamW: the dense write for every tile of the menu (3 dense dtypes + the fp32 update variant)
+    assert len([s for s in specs if s.kernel == "adamw_dense_multi"]) == 4 * len(elementwise_menu())
+
+
+def test_split_k_runs_the_compiled_dw_binaries():
+    """Split-K adds no dW specs: the token slice (K_SLICE) and the workspace stride (N) are runtime arguments of
+    the same kernels, so the compiled no-split binary is the split binary; only the reduction is new."""
+    for kernel in (sddmm._sddmm_kernel, sddmm._block_sddmm_kernel):
+        params = inspect.signature(kernel.fn).parameters  # .fn: the python function, jitted or interpreted
+        assert all("constexpr" not in str(params[name].annotation) for name in ("K_SLICE", "N"))
+        assert "constexpr" in str(params["UPCAST"].annotation)
+    specs = compile_check.dispatch_specs()
+    assert {s.config for s in specs if s.kernel == "split_reduce"} == {compile_check._label(
+        sddmm.split_reduce_config())}
 
 
 def test_planted_block_256_is_caught_by_the_check(results):

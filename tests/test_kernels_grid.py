@@ -110,6 +110,43 @@ def test_masked_adamw_every_tile(monkeypatch, tile, with_master):
     assert torch.equal(dense[~mask].view(torch.int32), frozen.view(torch.int32))
 
 
+@pytest.mark.parametrize("tile", TILES, ids=lambda t: f"{t['BLOCK_R']}x{t['BLOCK_C']}")
+def test_masked_adamw_multi_every_tile(monkeypatch, tile):
+    """The multi-tensor dense write decodes (tensor, tile) from its work table with each GPU tile: two weights of
+    different shapes per launch, one fp32 without master (update applied) and bf16 / fp32 ones with a master."""
+    _force_tile(monkeypatch, tile)
+    monkeypatch.setattr(masked_adamw, "compact_config", lambda: dict(BLOCK=256, num_warps=4))
+    specs = [(_shape(tile), torch.float32, False), ((_shape(tile)[0] + 2, _shape(tile)[1] - 5), torch.float32, False),
+             (_shape(tile), torch.bfloat16, True), ((_shape(tile)[0] + 1, _shape(tile)[1] + 9), torch.bfloat16, True),
+             (_shape(tile), torch.float32, True)]
+    got, want, masks = [], [], []
+    for shape, dtype, with_master in specs:
+        mask = torch.rand(shape, device=DEVICE) < 0.3
+        layout = MaskLayout.from_bool(mask)
+        dense = torch.randn(shape, device=DEVICE).to(dtype)
+        master = dense[mask].float() if with_master else None
+        m, v = torch.zeros(layout.nnz, device=DEVICE), torch.zeros(layout.nnz, device=DEVICE)
+        got.append([dense, master, None, m, v, layout])
+        want.append([dense.clone(), master.clone() if with_master else None, None, m.clone(), v.clone(), layout])
+        masks.append(mask)
+    frozen = [e[0][~mk].clone() for e, mk in zip(got, masks)]
+    cache = {}
+    for step in (1, 2):
+        grads = [torch.randn(e[5].nnz, device=DEVICE) for e in got]
+        masked_adamw.masked_adamw_multi_([reference.AdamWEntry(*e[:2], g, *e[3:]) for e, g in zip(got, grads)],
+                                         step=step, cache=cache, **HYPER)
+        for e, g in zip(want, grads):
+            reference.masked_adamw_(e[0], e[1], g, e[3], e[4], e[5], step=step, **HYPER)
+    for e, r, mk, fz in zip(got, want, masks, frozen):
+        dt = e[0].dtype
+        torch.testing.assert_close(e[0].float(), r[0].float(), rtol=CAST_RTOL[dt], atol=1e-6)
+        torch.testing.assert_close(e[3], r[3], rtol=1e-5, atol=1e-6)
+        assert torch.equal(e[0][~mk].view(BITS[dt]), fz.view(BITS[dt]))
+    # one dense launch per (with master?, dtype, tile): 3 here, whatever the number of weights
+    (plan,) = cache.values()
+    assert [len(b.dense) for b in plan.batches] == [3]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("index", range(len(sddmm.dw_configs(torch.bfloat16, interpreter=False))))
 def test_sddmm_every_gpu_config(monkeypatch, dtype, index):
