@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pmp.atomic import atomic_dir, owner_only, sha256_file, write_json
 from pmp.config import ProtectConfig
 from pmp.paths import overlaps
+from pmp.provenance import provenance
 from pmp.rescale import draw_key, fold_norms, rescale
 from pmp.run_dir import RunDir
 
@@ -62,7 +63,7 @@ def protect(cfg: ProtectConfig) -> Path:
                                         "scheme": "pmp.rescale: fold norms, then up/down, v/o, q/k pairs by exp(key)"})
         write_json(run.status, {**{k: status[k] for k in ("step", "final_val_loss", "final_val_ppl") if k in status},
                                 "status": "finished", "method": cfg.method, "base": str(base.root),
-                                "strength": cfg.strength, "function_check": check})
+                                "strength": cfg.strength, "function_check": check, "finished_with": provenance()})
     print(f"[protect] {cfg.method} (C = {cfg.strength:g}) of {base.root} -> {out}: logits unchanged "
           f"(fp32 max rel diff {check['fp32_max_rel_diff']:.1e}, bf16 {check['bf16_max_rel_diff']:.1e}); "
           f"the key stays in {out}/private")

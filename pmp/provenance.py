@@ -1,6 +1,7 @@
 """Provenance of a result: the library versions and the source commit it was computed with.
 
-The one home of this record for every part of pmp that writes results (attack cells today). A leaf module: it
+The one home of this record for every part of pmp that writes results (attack cells, run.json of pre-training
+and protection runs). A leaf module: it
 imports only torch, transformers, peft, the standard library and the package's own `__version__` (pmp/__init__.py,
 which imports nothing), so anything in pmp may import it.
 """
@@ -34,3 +35,10 @@ def git_commit() -> str:
         return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def provenance() -> dict:
+    """What a run's status records when it starts and when it finishes: source commit, library versions, time."""
+    import time  # noqa: PLC0415 - keeps the module's imports to the list above
+
+    return {"git_commit": git_commit(), "versions": versions(), "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -32,6 +32,7 @@ from pmp.atomic import atomic_file, sha256_bytes, sha256_file, write_json, write
 from pmp.complement import RECORD_FILE, ComplementPlan, scaled
 from pmp.config import RunConfig, config_from_dict
 from pmp.mask import META_FILE, PrivateMask
+from pmp.provenance import provenance
 from pmp.rescale import RescaleKey
 from pmp.step_dir import list_step_dirs, step_dir_name, step_of, verified_weights
 from pmp.typed_config import dump_yaml, to_dict
@@ -280,7 +281,7 @@ def initialize_run(run: RunDir, cfg: RunConfig) -> None:
     """Create the run directory with its config, then its status (fresh runs and runs interrupted before run.json)."""
     run.root.mkdir(parents=True, exist_ok=True)
     write_text(run.config, dump_yaml(cfg))
-    run.write_status(status="running", method=cfg.train.method, step=0)
+    run.write_status(status="running", method=cfg.train.method, step=0, started_with=provenance())
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> str:

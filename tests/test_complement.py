@@ -171,6 +171,9 @@ def test_no_rewind_run_records_its_complement_and_exports(run, tmp_path):
     overrides += ["pmp.rewind=false", "train.snapshot_every=6"]
     cfg = load_config(None, overrides)
     root = pretrain(cfg, tmp_path / "norewind").root
+    status = json.loads((root / "run.json").read_text())
+    for when in ("started_with", "finished_with"):  # provenance of every run
+        assert status[when]["git_commit"] and status[when]["versions"]["torch"] == torch.__version__
     ref = load_file(str(root / "private" / "complement.safetensors"))
     mask = PrivateMask.load(root / "private")
     masks = mask.to_bool()

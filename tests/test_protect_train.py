@@ -143,6 +143,8 @@ def test_protect_run_exports_to_a_stock_model(setup, tmp_path, method, kind):
     status = RunDir(out).read_status()
     assert status["status"] == "finished" and status["method"] == method and status["protect_steps"] == 4
     assert status["cost"]["token_passes"] > 0 and status["cost"]["wall_s"] >= 0
+    for when in ("started_with", "finished_with"):  # provenance: which code and libraries made this run
+        assert status[when]["git_commit"] and status[when]["versions"]["torch"] == torch.__version__
     assert status["after"]["retain_ppl"] <= status["before"]["retain_ppl"] * 1.10 + 1e-9  # the guard's promise
     assert (status["after"]["restricted_ppl"] is None) == (kind == "cls")
     assert not all(torch.equal(a, b) for a, b in zip(weights(RunDir(out).final).values(),

@@ -37,6 +37,7 @@ from pmp.atomic import atomic_dir, owner_only, remove_leftovers, write_json, wri
 from pmp.config import SDD_METHODS, ProtectConfig, RunConfig, load_config
 from pmp.dir_lock import exclusive
 from pmp.paths import overlaps
+from pmp.provenance import provenance
 from pmp.run_dir import RunDir
 from pmp.step_dir import list_step_dirs
 from pmp.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -308,7 +309,8 @@ class _Job:
         write_text(run.root / CONFIG_FILE, yaml.safe_dump(_saved_config(self.cfg), sort_keys=True))
         self.before = {"retain_ppl": self.retain_ppl(), "restricted_ppl": self.restricted_ppl()}
         write_json(run.status, {"status": "protecting", "method": self.cfg.method, "base": str(self.base.root),
-                                "step": int(self.base_status.get("step", 0)), "protect_step": 0})
+                                "step": int(self.base_status.get("step", 0)), "protect_step": 0,
+                                "started_with": provenance()})
         if run.metrics.exists():
             run.metrics.unlink()
         print(f"[protect] {self.cfg.method} of {self.base.root}: restricted {self.restricted.name} "
@@ -374,6 +376,8 @@ class _Job:
                      "pretrain_token_passes": pretrain_passes,
                      "x_pretraining": round(self.token_passes / pretrain_passes, 3) if pretrain_passes else None},
         }
+        status["started_with"] = run.read_status().get("started_with")  # run.json is rewritten whole below
+        status["finished_with"] = provenance()
         if self.pairs is not None:
             status["sdd"] = self.pairs.stats
         if not self.cfg.retain:  # the held-out split of the base's own corpus: what the model card reports

@@ -41,6 +41,7 @@ from pmp.mask import PrivateMask
 from pmp.masked_optim import MaskedAdamW
 from pmp.masked_state import MaskedModel
 from pmp.model import build_model, count_parameters
+from pmp.provenance import provenance
 from pmp.run_dir import RunDir, open_run
 from pmp.schedule import lr_at
 from pmp.step_dir import list_step_dirs
@@ -641,7 +642,8 @@ class Trainer:
             model.save_pretrained(str(tmp))
             self.tokenizer.save_pretrained(str(tmp))
         self.run.write_status(status="finished", step=self.step, phase=self.phase, final_val_loss=self.last_val,
-                              final_val_ppl=math.exp(self.last_val), **self._ranks_status())
+                              final_val_ppl=math.exp(self.last_val), finished_with=provenance(),
+                              **self._ranks_status())
 
 
 def weights_digest(model: torch.nn.Module) -> str:
