@@ -163,39 +163,38 @@ def _gradient_attacks(cfg: AuditConfig, inputs: _Inputs, attacks: Attacks, deadl
     return info
 
 
-def _curvature_attacks(cfg: AuditConfig, inputs: _Inputs, attacks: Attacks, deadline: float) -> dict:
-    """The Hutchinson curvature attacks on the attacker's text, within 30 % of the time left (at least one probe)."""
+def _text_scorer_family(inputs: _Inputs, attacks: Attacks, family: str, n_batches: int, setting: str,
+                        score) -> dict:
+    """Run one family of scorers that read the release on the attacker's text (`score(batches) -> (scores, info)`)
+    on `n_batches` batches, adding its scores to `attacks`; skipped without text or with `setting` = 0."""
     info: dict = {"skipped": None, "text": inputs.text_info}
     if not inputs.texts:
         info["skipped"] = "no attacker text"
-    elif cfg.curvature_batches > 0:
-        batches = text_batches(inputs.release, inputs.texts, cfg.curvature_batches)
+    elif n_batches > 0:
+        batches = text_batches(inputs.release, inputs.texts, n_batches)
         t0 = time.perf_counter()
-        scores, more = curvature_scores(inputs.release, batches, cfg.curvature_probes, cfg.curvature_fd_eps,
-                                        max_seconds=max(1.0, 0.3 * (deadline - t0)))
-        info.update(more)
+        scores, more = score(batches)
+        info.update(more, seconds=time.perf_counter() - t0)
         for k, s in scores.items():
-            attacks[k] = (s, {"family": "curvature", "seconds": time.perf_counter() - t0})
+            attacks[k] = (s, {"family": family, "seconds": info["seconds"]})
     else:
-        info["skipped"] = "curvature_batches = 0"
+        info["skipped"] = f"{setting} = 0"
     return info
+
+
+def _curvature_attacks(cfg: AuditConfig, inputs: _Inputs, attacks: Attacks, deadline: float) -> dict:
+    """The Hutchinson curvature attacks on the attacker's text, within 30 % of the time left (at least one probe)."""
+    def score(batches):
+        return curvature_scores(inputs.release, batches, cfg.curvature_probes, cfg.curvature_fd_eps,
+                                max_seconds=max(1.0, 0.3 * (deadline - time.perf_counter())))
+
+    return _text_scorer_family(inputs, attacks, "curvature", cfg.curvature_batches, "curvature_batches", score)
 
 
 def _activation_attacks(cfg: AuditConfig, inputs: _Inputs, attacks: Attacks) -> dict:
     """The activation-statistics attacks on the attacker's text (forward passes only)."""
-    info: dict = {"skipped": None, "text": inputs.text_info}
-    if not inputs.texts:
-        info["skipped"] = "no attacker text"
-    elif cfg.activation_batches > 0:
-        batches = text_batches(inputs.release, inputs.texts, cfg.activation_batches)
-        t0 = time.perf_counter()
-        scores, more = activation_scores(inputs.release, batches)
-        info.update(more, seconds=time.perf_counter() - t0)
-        for k, s in scores.items():
-            attacks[k] = (s, {"family": "activations", "seconds": time.perf_counter() - t0})
-    else:
-        info["skipped"] = "activation_batches = 0"
-    return info
+    return _text_scorer_family(inputs, attacks, "activations", cfg.activation_batches, "activation_batches",
+                               lambda batches: activation_scores(inputs.release, batches))
 
 
 def _seed_guessing(cfg: AuditConfig, release: Release, attacks: Attacks, deadline: float) -> dict:
