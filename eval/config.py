@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from pmp.typed_config import check, doc
 
@@ -128,6 +129,12 @@ class AuditConfig(AuditSettings):
 @dataclass
 class ReportConfig:
     results: str = doc("the --out directory of `pmp attack`", "")
+    more_results: list[str] = doc("further `pmp attack` directories of the same models and suite, one per further "
+                                  "pre-training seed (`pmp report RES1 RES2 ...`): the report pools them with RESULTS "
+                                  "(means over pre-training x fine-tuning seeds, two-stage bootstrap intervals, each "
+                                  "seed's own ratios beside)", default_factory=list)
+    names: list[str] = doc("a short name for each results directory of a pooled report, in order (e.g. the "
+                           "pre-training seeds s0 s1; empty = r1, r2, ...)", default_factory=list)
     out: str = doc("report directory ('' = RESULTS/report)", "")
     baseline: str = doc("override the baseline model's name ('' = from the results)", "")
     protected: list[str] = doc("override which models are protected (PMP); empty = from the results",
@@ -138,5 +145,20 @@ class ReportConfig:
 
     def validate(self) -> ReportConfig:
         check(bool(self.results), "report needs the results directory (pmp report RESULTS)")
+        dirs = self.result_dirs()
+        check(all(dirs), "more_results lists an empty directory name: {}", self.more_results)
+        check(len({Path(x).resolve() for x in dirs}) == len(dirs), "a results directory is given twice ({}): pool "
+              "each pre-training seed's attack directory once", ", ".join(dirs))
+        check(not self.names or len(self.names) == len(dirs), "names must name every results directory ({} given for "
+              "{} directories: {})", len(self.names), len(dirs), ", ".join(dirs))
+        check(all(self.names) and len(set(self.names)) == len(self.names), "names must be distinct and non-empty, "
+              "got {}", self.names)
         return self
+
+    def result_dirs(self) -> list[str]:
+        """RESULTS, then MORE_RESULTS: one directory (a plain report) or several (pooled)."""
+        return [self.results, *self.more_results]
+
+    def pool_names(self) -> list[str]:
+        return list(self.names) or [f"r{i + 1}" for i in range(len(self.result_dirs()))]
 

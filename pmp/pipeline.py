@@ -6,12 +6,20 @@ from-scratch model) with a fine-tuning suite, including fine-tuning on the audit
 Every stage is resumable: a finished stage is skipped on a second call, so an interrupted pipeline continues
 where it stopped.
 
+With several pre-training seeds (`pipeline.seeds`, default [0]) the whole chain runs once per seed, seed after
+seed: seed s trains with train.data_seed = the recipe's + s and, where the recipe pins model.init_seed, init seed
++ s (`seeded_config`), so the first seed of the default [0] is exactly the recipe. The first seed keeps the
+one-seed layout at OUT's root (a pipeline directory grows more seeds without recomputing the first); every other
+seed gets the same layout under seeds/s<seed>/. Then report_pooled/ pools the attack results over the seeds.
+
 OUT/
   runs/{dense,pmp}/       private run directories (never publish)
   releases/{dense,pmp}/   public releases (+ dense_matched/ with pipeline.matched_baseline)
   attack/                 one results JSON per (model, task, attack, seed) cell
   report/                 report.md + PNG plots
   audit/                  audit.md / audit.json (mask recovery against the true mask)
+  seeds/s<seed>/          the same five for every further pre-training seed
+  report_pooled/          with >= 2 seeds: the report pooled over them (eval/report_pooled.py)
   summary.md              what happened, with pointers
 """
 
@@ -34,7 +42,7 @@ from pmp.eval.report import write_report
 from pmp.release import export_release
 from pmp.run_dir import RunDir, config_difference
 from pmp.train.trainer import pretrain
-from pmp.typed_config import doc
+from pmp.typed_config import check, doc
 
 
 @dataclass
@@ -43,6 +51,10 @@ class PipelineStages:
     matched_baseline: bool = doc(
         "also attack the earlier dense state whose held-out perplexity matches PMP's final one (needs "
         "train.snapshot_every; adds ~1/3 to the attack time)", False)
+    seeds: list[int] = doc(
+        "pre-training seeds: the whole chain runs at each (seed s: train.data_seed + s and, where model.init_seed is "
+        "pinned, init seed + s; the first seed in DIR, the others in DIR/seeds/s<seed>), then a report pooled over "
+        "them (DIR/report_pooled); e.g. 0,1", default_factory=lambda: [0])
 
 
 @dataclass
@@ -56,11 +68,33 @@ class PipelineConfig(RunConfig):
         super().validate()
         self.attack.validate()
         self.audit.validate()
+        check_seeds(self.pipeline.seeds, "pipeline.seeds", "they are added to train.data_seed")
         return self
 
     def run_config(self) -> RunConfig:
         """The pre-training part alone (what a run directory records and compares)."""
         return RunConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RunConfig)})
+
+
+def check_seeds(seeds: list[int], key: str, meaning: str) -> None:
+    """A list of pre-training seeds: at least one, none negative, none twice (the pipeline's and the study's)."""
+    check(bool(seeds), "{} must list at least one pre-training seed, e.g. {}: [0, 1]", key, key)
+    check(all(s >= 0 for s in seeds), "{} must be integers >= 0 ({}), got {}", key, meaning, seeds)
+    check(len(set(seeds)) == len(seeds), "{} lists a seed twice: {}", key, seeds)
+
+
+def seeded_config(cfg: RunConfig, seed: int) -> RunConfig:
+    """The recipe at pre-training seed `seed`: train.data_seed + seed (the batch order) and, where model.init_seed
+    is pinned, init seed + seed (else every run draws its own from OS entropy). Seed 0 is the recipe itself."""
+    init = None if cfg.model.init_seed is None else cfg.model.init_seed + seed
+    return replace(cfg, train=replace(cfg.train, data_seed=cfg.train.data_seed + seed),
+                   model=replace(cfg.model, init_seed=init))
+
+
+def seed_dir(out: Path, seeds: list[int], seed: int) -> Path:
+    """Where a pre-training seed's runs, releases, audit, attack and report live: OUT for the first seed (the
+    one-seed layout), OUT/seeds/s<seed> for the others."""
+    return out if seed == seeds[0] else out / "seeds" / f"s{seed}"
 
 
 _T0 = [time.perf_counter()]
@@ -160,7 +194,8 @@ def _audit(cfg: PipelineConfig, release: Path, run: Path, out: Path) -> Path:
 
 
 def run_pipeline(cfg: PipelineConfig, out: str | Path) -> Path:
-    """Library entry point of `pmp pipeline`: run (or continue) the whole experiment in `out`."""
+    """Library entry point of `pmp pipeline`: run (or continue) the whole experiment in `out`, at every
+    pre-training seed of `cfg.pipeline.seeds`, then pool the seeds' attack results."""
     cfg.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -170,14 +205,40 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path) -> Path:
         _stage("data")
     prepare_data_if_needed(cfg, cfg.attack)
 
-    run_cfg = cfg.run_config()
+    seeds = cfg.pipeline.seeds
+    done = {s: _run_seed(cfg, s, seed_dir(out, seeds, s), len(seeds) > 1) for s in seeds}
+    pooled = None
+    if len(seeds) > 1:
+        _stage(f"report pooled over pre-training seeds {seeds}")
+        pooled = write_report(ReportConfig(
+            results=str(seed_dir(out, seeds, seeds[0]) / "attack"),
+            more_results=[str(seed_dir(out, seeds, s) / "attack") for s in seeds[1:]],
+            names=[f"s{s}" for s in seeds], out=str(out / "report_pooled"), baseline="dense", protected=["pmp"]))
+
+    lines = ["# pmp pipeline summary", "",
+             f"- wall time: {(time.perf_counter() - t0) / 60:.1f} min (this call; finished stages were skipped)"]
+    if pooled is not None:
+        lines.append(f"- report pooled over pre-training seeds {seeds}: {pooled}")
+    for s in seeds:
+        lines += (["", f"## pre-training seed {s} (train.data_seed {seeded_config(cfg, s).train.data_seed}, "
+                   f"{seed_dir(out, seeds, s)})", ""] if len(seeds) > 1 else []) + done[s]["lines"]
+    write_text(out / "summary.md", "\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines[2:]))
+    print(f"\n[pipeline] done: read {pooled or done[seeds[0]]['report']}")
+    return out
+
+
+def _run_seed(cfg: PipelineConfig, seed: int, out: Path, several: bool) -> dict:
+    """The whole chain at one pre-training seed in `out` -> {'report': report.md, 'lines': its summary lines}."""
+    at = f", pre-training seed {seed}" if several else ""
+    run_cfg = seeded_config(cfg.run_config(), seed)
     runs, releases = {}, {}
     for method in ("dense", "pmp"):
-        _stage(f"pre-train ({method})")
+        _stage(f"pre-train ({method}{at})")
         runs[method] = pretrain_if_needed(replace(run_cfg, train=replace(run_cfg.train, method=method)),
                                           out / "runs" / method)
     for method in ("dense", "pmp"):
-        _stage(f"export ({method})")
+        _stage(f"export ({method}{at})")
         releases[method] = export_if_needed(runs[method], out / "releases" / method)
     matched = _matched_baseline(runs, out) if cfg.pipeline.matched_baseline else None
     if matched is not None:
@@ -187,18 +248,16 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path) -> Path:
     audit_md = _audit(cfg, releases["pmp"], runs["pmp"], out / "audit") if cfg.pipeline.audit else None
     recovered = {"pmp": str(out / "audit" / "recovered_mask")} if audit_md else {}
 
-    _stage(f"attack (suite {cfg.attack.suite})")
+    _stage(f"attack (suite {cfg.attack.suite}{at})")
     sweep = run_attack(attack_config(cfg.attack, cfg.data.cache_dir, models={n: str(p) for n, p in releases.items()},
                                      private={"pmp": str(runs["pmp"])}, recovered=recovered, baseline="dense",
                                      matched="dense_matched" if matched else "", out=str(out / "attack")))
-    _stage("report")
+    _stage(f"report{at}")
     report = write_report(ReportConfig(results=str(out / "attack"), out=str(out / "report"), baseline="dense",
                                        protected=["pmp"]))
 
     st = {m: RunDir(runs[m]).read_status() for m in runs}
     lines = [
-        "# pmp pipeline summary", "",
-        f"- wall time: {(time.perf_counter() - t0) / 60:.1f} min (this call; finished stages were skipped)",
         *(f"- {m}: held-out perplexity {st[m].get('final_val_ppl', float('nan')):.2f} "
           f"(private run {runs[m]}, release {releases[m]})" for m in ("dense", "pmp")),
         *([f"- dense_matched: the dense run at step {matched['step']}, held-out perplexity "
@@ -208,7 +267,4 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path) -> Path:
         f"- attack report: {report}",
         *([f"- mask secrecy audit: {audit_md}"] if audit_md else []),
     ]
-    write_text(out / "summary.md", "\n".join(lines) + "\n")
-    print("\n" + "\n".join(lines[2:]))
-    print(f"\n[pipeline] done: read {report}")
-    return out
+    return {"report": report, "lines": lines}

@@ -49,6 +49,7 @@ from pmp.eval.task_data import prepare_task
 from pmp.pipeline import (
     attack_config,
     audit_if_needed,
+    check_seeds,
     export_if_needed,
     prepare_data_if_needed,
     pretrain_if_needed,
@@ -97,10 +98,7 @@ class StudyConfig(RunConfig):
         super().validate()
         self.attack.validate()
         self.audit.validate()
-        check(bool(self.seeds), "seeds must list at least one pre-training seed, e.g. seeds: [0, 1]")
-        check(all(s >= 0 for s in self.seeds), "seeds must be integers >= 0 (they become train.data_seed), got {}",
-              self.seeds)
-        check(len(set(self.seeds)) == len(self.seeds), "seeds lists a seed twice: {}", self.seeds)
+        check_seeds(self.seeds, "seeds", "they become train.data_seed")
         check(0 < self.kill_above, "kill_above must be > 0 (a gain ratio: 1 = the attacker gains as much as on the "
               "dense model), got {}", self.kill_above)
         check(bool(self.variants), "variants is empty: name at least one PMP variant, e.g. variants: {{frozen: {{}}, "

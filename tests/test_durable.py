@@ -5,6 +5,7 @@ anything is written."""
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -212,6 +213,45 @@ def test_report_names_each_arms_best_the_intervals_the_budget_and_the_cause(dura
     assert "**`pmp` on `heldout`**" in statement and "declared budget" in statement and "K = 3" in statement
     assert durable.count("**Verdict:**") == 2 and "Cause:" in durable
     assert (out / "report" / "budget_heldout.png").stat().st_size > 1000
+
+
+def test_pooled_report_shows_each_seeds_arms_curves_and_d0_beside_the_pooled_ratio(durable_run, tmp_path):
+    """Two pre-training seeds: the durable run, and a copy whose PMP model gains 0.7 of what it gained there
+    (perplexity after^0.7 before^0.3; the attacker's validation metric, so every choice, unchanged)."""
+    out, _, _ = durable_run
+    other = tmp_path / "s1"
+    shutil.copytree(out, other, ignore=shutil.ignore_patterns("report*"))
+    for f in (other / "cells").glob("pmp__*.json"):
+        c = json.loads(f.read_text())
+        if c["attack_kind"] != "probe":
+            c["after_val_selected"] = c["before"] ** 0.3 * c["after_val_selected"] ** 0.7
+            f.write_text(json.dumps(c))
+    md = write_report(ReportConfig(results=str(out), more_results=[str(other)], names=["s0", "s1"],
+                                   out=str(tmp_path / "pooled"))).read_text()
+    durable = md.split("# Durable evaluation, pooled over pre-training seeds")[1]
+    tuned = durable.split("### Equal tuning budgets, by pre-training seed and pooled")[1].split("###")[0]
+    rows = {tuple(c.strip() for c in r.strip("|").split("|")[:2]): [c.strip() for c in r.strip("|").split("|")]
+            for r in tuned.splitlines() if r.startswith("| attacker on the protected release")}
+    assert set(rows) == {("attacker on the protected release: `pmp`", x) for x in ("`s0`", "`s1`", "**pooled**")}
+    ratio = {s: sum(_gains(d, "pmp")) / sum(_gains(d, "dense")) for s, d in (("s0", out), ("s1", other))}
+    assert ratio["s1"] == pytest.approx(0.7 * ratio["s0"])
+    assert rows[("attacker on the protected release: `pmp`", "`s0`")][-1].startswith(f"{ratio['s0']:.2f} ")
+    assert rows[("attacker on the protected release: `pmp`", "`s1`")][-1].startswith(f"{ratio['s1']:.2f} ")
+    pooled = rows[("attacker on the protected release: `pmp`", "**pooled**")][-1]
+    assert pooled.startswith(f"{0.85 * ratio['s0']:.2f} [") and pooled.endswith("(n=4)")
+    for heading in ("### Budget curves by pre-training seed", "### Protection statement, pooled",
+                    "### D0 diagnostic by pre-training seed", "# Durable evaluation at pre-training seed `s0`",
+                    "# Durable evaluation at pre-training seed `s1`"):
+        assert heading in durable, heading
+    assert "| attacker on the protected release: `pmp` | mean |" in durable
+    assert durable.count("| `pmp` (its own private mask) | `s") == 2 and "2 pre-training seeds**" in durable
+    assert (tmp_path / "pooled" / "budget_heldout_s0.png").is_file()
+    assert "![budget curves](budget_heldout_s1.png)" in durable
+
+
+def _gains(results: Path, model: str) -> list[float]:
+    cells = [json.loads(f.read_text()) for f in (results / "cells").glob(f"{model}__heldout__tuned_full__s*.json")]
+    return [M.signed_gain(c["before"], c["after_val_selected"], "lower", "perplexity") for c in cells]
 
 
 def test_bootstrap_interval_is_seeded_and_brackets_the_ratio():
