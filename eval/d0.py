@@ -10,7 +10,8 @@ halves, per release and task, on the attacker's own data:
    fine-tuning: the mask's entries plus the parameters it does not cover) and (c) a random mask of the same
    density ("random"); the validation loss after each. Delta_c = L(dense) - L(owner) at the attacker's best
    learning rate must be > 0 for the mask to protect anything.
-2. Curvature. The top Hessian eigenvalue of the training loss at the released weights by power iteration on
+2. Curvature. The largest Hessian eigenvalue (the sharpness; a shifted second power iteration when the dominant
+   one is negative) of the training loss at the released weights by power iteration on
    Hessian-vector products (double backward), over every base parameter ("dense") and restricted to the owner's
    trainable set, its complement and the random mask (the restriction P H P, P the coordinate projection).
    dense / owner near 1 means no curvature barrier; below ~3 an attacker offsets it with <= 3x the steps at a
@@ -52,22 +53,15 @@ def loss_hvp(loss_fns: list[Callable[[], torch.Tensor]], params: list[torch.Tens
     return hvp
 
 
-def top_eigenvalue(hvp, like: list[torch.Tensor], restrict: list[torch.Tensor | None] | None = None,
-                   iters: int = 20, tol: float = 1e-4, seed: int = 0) -> dict:
-    """The eigenvalue of largest magnitude of P H P (P keeps the coordinates where `restrict` is True; None = all
-    of that tensor) by power iteration from a seeded random start -> {eigenvalue, iterations, converged}."""
-    g = torch.Generator().manual_seed(seed)
-    keep = restrict or [None] * len(like)
-    proj = [(lambda t, k=k: t if k is None else t * k.to(t.dtype)) for k in keep]
-    v = [P(torch.randn(p.shape, generator=g, dtype=p.dtype)) for P, p in zip(proj, like)]
-    norm = math.sqrt(sum(float((x * x).sum()) for x in v))
-    if norm == 0:
-        return {"eigenvalue": 0.0, "iterations": 0, "converged": True, "dimension": 0}
-    v = [x / norm for x in v]
+CURVATURE_ESTIMATOR = "top-algebraic"  # recorded in D0's inputs digest: records of another estimator recompute
+
+
+def _power_iteration(apply, v: list[torch.Tensor], iters: int, tol: float) -> tuple[float, int, bool]:
+    """The dominant (largest-magnitude) eigenvalue of the linear map `apply` from the unit vector `v`."""
     lam, done, used = 0.0, False, 0
     for it in range(1, iters + 1):
         used = it
-        w = [P(h) for P, h in zip(proj, hvp(v))]
+        w = apply(v)
         new = sum(float((a * b).sum()) for a, b in zip(v, w))  # Rayleigh quotient of the unit vector v
         norm = math.sqrt(sum(float((x * x).sum()) for x in w))
         if norm == 0 or not math.isfinite(norm):
@@ -78,8 +72,35 @@ def top_eigenvalue(hvp, like: list[torch.Tensor], restrict: list[torch.Tensor | 
         v = [x / norm for x in w]
         if done:
             break
+    return lam, used, done
+
+
+def top_eigenvalue(hvp, like: list[torch.Tensor], restrict: list[torch.Tensor | None] | None = None,
+                   iters: int = 20, tol: float = 1e-4, seed: int = 0) -> dict:
+    """The LARGEST eigenvalue of P H P (the sharpness; P keeps the coordinates where `restrict` is True, None = all
+    of that tensor) by power iteration from a seeded random start. Power iteration finds the largest MAGNITUDE; when
+    that one is negative (a saddle-like released point, seen on `small`), a second iteration on P H P - lambda I
+    (every eigenvalue shifted to >= 0) finds lambda_max - lambda. -> {eigenvalue (largest), largest_magnitude,
+    iterations, converged, dimension}."""
+    g = torch.Generator().manual_seed(seed)
+    keep = restrict or [None] * len(like)
+    proj = [(lambda t, k=k: t if k is None else t * k.to(t.dtype)) for k in keep]
     dim = sum(int(p.numel()) if k is None else int(k.sum()) for p, k in zip(like, keep))
-    return {"eigenvalue": lam, "iterations": used, "converged": done, "dimension": dim}
+    v = [P(torch.randn(p.shape, generator=g, dtype=p.dtype)) for P, p in zip(proj, like)]
+    norm = math.sqrt(sum(float((x * x).sum()) for x in v))
+    if norm == 0:
+        return {"eigenvalue": 0.0, "largest_magnitude": 0.0, "iterations": 0, "converged": True, "dimension": 0}
+    v = [x / norm for x in v]
+
+    def php(x):
+        return [P(h) for P, h in zip(proj, hvp(x))]
+
+    mag, used, done = _power_iteration(php, v, iters, tol)
+    top = mag
+    if mag < 0:
+        mu, used2, done2 = _power_iteration(lambda x: [a - mag * b for a, b in zip(php(x), x)], v, iters, tol)
+        top, used, done = mu + mag, used + used2, done and done2
+    return {"eigenvalue": top, "largest_magnitude": mag, "iterations": used, "converged": done, "dimension": dim}
 
 
 # ---------------------------------------------------------------------------------------------- the diagnostic
@@ -178,7 +199,7 @@ def summarize(d0: dict) -> dict:
 
     b_dense = best("dense")
     lam = {k: v["eigenvalue"] for k, v in d0["curvature"].items() if isinstance(v, dict)}
-    ratio = lam["dense"] / lam["owner"] if lam.get("owner") else None
+    ratio = lam["dense"] / lam["owner"] if (lam.get("owner") or 0) > 0 else None  # sharpness: largest eigenvalues
     return {
         "steps": int(last), "attacker_lr": b_dense["lr"],
         "delta_c_at_attacker_lr": b_dense["dense"][last] - b_dense["owner"][last],

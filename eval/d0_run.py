@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from pmp.atomic import write_json
 from pmp.eval.attack_inputs import ModelSpec
 from pmp.eval.attacks import Budget, config_digest
-from pmp.eval.d0 import d0_diagnostic, verdict
+from pmp.eval.d0 import CURVATURE_ESTIMATOR, d0_diagnostic, verdict
 from pmp.eval.durable_spec import DurableSpec
 from pmp.eval.models import load_model
 from pmp.eval.task_data import PreparedTask
@@ -55,12 +55,13 @@ def d0_path(directory: str | Path, model: str, task: str) -> Path:
 
 
 def d0_inputs_sha(model_sha: str, mask_fingerprint: str, task, budget: Budget, seed: int, s: D0Settings) -> str:
-    """The digest a D0 record is valid for. Its dict is the one durable results were first written with: changing
-    it (even key order does not matter, types do) makes every finished D0 of a running durable sweep recompute."""
+    """The digest a D0 record is valid for: changing it (key order does not matter, types do) makes every finished
+    D0 recompute -- as it must when the curvature estimator changes (records before the largest-algebraic
+    estimator carried the largest-magnitude eigenvalue)."""
     return config_digest({"model": model_sha, "mask": mask_fingerprint, "task": task.name,
                           "task_sizes": [len(task.train), len(task.test)], "budget": budget.to_dict(),
                           "seed": seed, "lrs": list(s.lrs), "steps": list(s.steps),
-                          "hessian": [s.hessian_iters, s.hessian_batches]})
+                          "hessian": [s.hessian_iters, s.hessian_batches], "curvature": CURVATURE_ESTIMATOR})
 
 
 def read_d0(path: Path) -> dict | None:

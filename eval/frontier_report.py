@@ -28,7 +28,8 @@ D0_DEFINITIONS = (
     "learning rate of a grid that train every weight (**unmasked**, what an attacker does) or only the owner's mask "
     "(**owner**); **Delta_c** = unmasked - owner validation loss after the most steps at the learning rate where "
     "the unmasked update is best. Protection is only possible where Delta_c > 0: where the unmasked update is worse "
-    "than the masked one at the attacker's best rate. **curvature ratio** = top Hessian eigenvalue over every weight "
+    "than the masked one at the attacker's best rate. **curvature ratio** = largest Hessian eigenvalue "
+    "(the sharpness) over every weight "
     "/ restricted to the owner's trainable set: near 1 means no curvature barrier (below ~3 an attacker offsets it "
     "with a few times the steps at a lower rate). The dense release with the first variant's mask is the control: "
     "a variant's numbers mean something only where they differ from it.")

@@ -391,7 +391,8 @@ def _d0_lines(diags: list[dict]) -> list[str]:
         cur, s = x["curvature"], x["summary"]
         eig = ", ".join(f"{k} {fmt(v['eigenvalue'], 3)}" + ("" if v["converged"] else " (not converged)")
                         for k, v in cur.items() if isinstance(v, dict))
-        lines += ["", f"Top Hessian eigenvalue (power iteration on Hessian-vector products, {cur.get('batches')} "
+        lines += ["", f"Largest Hessian eigenvalue, the sharpness (power iteration on Hessian-vector products, "
+                  f"shifted when the dominant eigenvalue is negative; {cur.get('batches')} "
                   f"batch(es)): {eig}; dense / owner = {fmt(s['sharpness_ratio'], 2)}. Delta_c at the attacker's best "
                   f"lr = {fmt(s['delta_c_at_attacker_lr'], 4)}; between each variant's own best = "
                   f"{fmt(s['delta_c_each_best'], 4)}; owner - random = {fmt(s['owner_minus_random_each_best'], 4)}.",

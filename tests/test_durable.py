@@ -472,12 +472,17 @@ def test_top_eigenvalue_matches_an_explicit_hessian_dense_and_restricted():
     restrict[1] = None  # a whole tensor kept: a parameter the mask does not cover
     keep = torch.cat([(m if m is not None else torch.ones(p.shape, dtype=torch.bool)).flatten()
                       for m, p in zip(restrict, params)])
-    for sub, r in ((H, None), (H[keep][:, keep], restrict)):
-        ev = torch.linalg.eigvalsh(sub)
-        want = float(ev[ev.abs().argmax()])
-        got = top_eigenvalue(hvp, params, r, iters=1000, tol=1e-12, seed=0)
-        assert got["converged"] and got["eigenvalue"] == pytest.approx(want, rel=1e-6)
-        assert got["dimension"] == sub.shape[0]
+    # the loss and its negative: the second has a negative dominant eigenvalue, where power iteration alone would
+    # report the most negative curvature instead of the sharpness (as it did on `small`)
+    neg_hvp = loss_hvp([lambda x=x, y=y: -((net(x) - y) ** 2).mean() for x, y in zip(xs, ys)], params)
+    for sign, op in ((1.0, hvp), (-1.0, neg_hvp)):
+        for sub, r in ((sign * H, None), (sign * H[keep][:, keep], restrict)):
+            ev = torch.linalg.eigvalsh(sub)
+            got = top_eigenvalue(op, params, r, iters=3000, tol=1e-13, seed=0)
+            assert got["converged"] and got["dimension"] == sub.shape[0]
+            assert got["largest_magnitude"] == pytest.approx(float(ev[ev.abs().argmax()]), rel=1e-6)
+            assert got["eigenvalue"] == pytest.approx(float(ev.max()), rel=1e-5, abs=1e-9)
+            assert (got["largest_magnitude"] < 0) == (sign < 0)  # both branches are exercised
 
 
 def test_d0_record_names_the_cause(durable_run):
@@ -499,12 +504,16 @@ def test_d0_record_names_the_cause(durable_run):
     assert dense["mask_from"] == "pmp"  # the baseline with the protected model's mask: the control
 
 
-def test_d0_inputs_digest_is_the_one_durable_results_were_written_with():
-    """The literals are what DurableSweep.ensure_d0 computed before D0 moved to eval/d0_run.py: a durable run in
-    progress reads its finished RES/diagnostics/d0__*.json as done, not as computed from other inputs."""
+def test_d0_records_of_the_largest_magnitude_estimator_are_recomputed():
+    """The literals are the digests D0 records carried before the curvature estimator became the largest algebraic
+    eigenvalue (they held the largest-magnitude one): such records must be recomputed, not read as done; records
+    of the current estimator are keyed by every input."""
     task = SimpleNamespace(name="heldout", train=list(range(10)), test=list(range(4)))
-    for spec, want in ((DurableSpec(), "ed1cea0d6d56781f"), (TINY_SPEC, "42124e8c5a2d4ff8")):
-        assert d0_inputs_sha("a" * 16, "b" * 64, task, TINY_LM, 0, D0Settings.of(spec)) == want
+    for spec, old in ((DurableSpec(), "ed1cea0d6d56781f"), (TINY_SPEC, "42124e8c5a2d4ff8")):
+        new = d0_inputs_sha("a" * 16, "b" * 64, task, TINY_LM, 0, D0Settings.of(spec))
+        assert new != old
+        assert new == d0_inputs_sha("a" * 16, "b" * 64, task, TINY_LM, 0, D0Settings.of(spec))
+        assert new != d0_inputs_sha("a" * 16, "c" * 64, task, TINY_LM, 0, D0Settings.of(spec))  # another mask
 
 
 # ------------------------------------------------------------------------------------ bad input
