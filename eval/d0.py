@@ -10,8 +10,8 @@ halves, per release and task, on the attacker's own data:
    fine-tuning: the mask's entries plus the parameters it does not cover) and (c) a random mask of the same
    density ("random"); the validation loss after each. Delta_c = L(dense) - L(owner) at the attacker's best
    learning rate must be > 0 for the mask to protect anything.
-2. Curvature. The largest Hessian eigenvalue (the sharpness; a shifted second power iteration when the dominant
-   one is negative) of the training loss at the released weights by power iteration on
+2. Curvature. The largest Hessian eigenvalue (the sharpness) of the training loss at the released weights by Lanczos
+   iterations on
    Hessian-vector products (double backward), over every base parameter ("dense") and restricted to the owner's
    trainable set, its complement and the random mask (the restriction P H P, P the coordinate projection).
    dense / owner near 1 means no curvature barrier; below ~3 an attacker offsets it with <= 3x the steps at a
@@ -53,54 +53,61 @@ def loss_hvp(loss_fns: list[Callable[[], torch.Tensor]], params: list[torch.Tens
     return hvp
 
 
-CURVATURE_ESTIMATOR = "top-algebraic"  # recorded in D0's inputs digest: records of another estimator recompute
+CURVATURE_ESTIMATOR = "lanczos-top"  # recorded in D0's inputs digest: records of another estimator recompute
 
 
-def _power_iteration(apply, v: list[torch.Tensor], iters: int, tol: float) -> tuple[float, int, bool]:
-    """The dominant (largest-magnitude) eigenvalue of the linear map `apply` from the unit vector `v`."""
-    lam, done, used = 0.0, False, 0
-    for it in range(1, iters + 1):
-        used = it
-        w = apply(v)
-        new = sum(float((a * b).sum()) for a, b in zip(v, w))  # Rayleigh quotient of the unit vector v
-        norm = math.sqrt(sum(float((x * x).sum()) for x in w))
-        if norm == 0 or not math.isfinite(norm):
-            lam = new
+def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return sum(float((x.double() * y.double()).sum()) for x, y in zip(a, b))
+
+
+def _lanczos(apply, v: list[torch.Tensor], steps: int, tol: float) -> dict:
+    """`steps` Lanczos iterations (full re-orthogonalisation) of the symmetric map `apply` from the unit vector
+    `v` -> the extreme Ritz values and whether the largest has converged (residual <= tol x |value|). Unlike power
+    iteration, which finds the largest MAGNITUDE (negative on some `small` releases) and needs a spectral gap,
+    Lanczos gives the largest eigenvalue (the sharpness) and the most negative one from the same Krylov space."""
+    basis, alphas, betas = [v], [], []
+    for j in range(steps):
+        w = apply(basis[j])
+        alpha = _dot(w, basis[j])
+        alphas.append(alpha)
+        for q in basis:  # full re-orthogonalisation: float rounding would otherwise duplicate Ritz values
+            c = _dot(w, q)
+            w = [x - c * y for x, y in zip(w, q)]
+        beta = math.sqrt(max(_dot(w, w), 0.0))
+        if j == steps - 1 or beta <= 1e-12 * max(abs(alpha), 1e-30) or not math.isfinite(beta):
+            betas.append(beta if math.isfinite(beta) else 0.0)
             break
-        done = it > 1 and abs(new - lam) <= tol * max(abs(new), 1e-30)
-        lam = new
-        v = [x / norm for x in w]
-        if done:
-            break
-    return lam, used, done
+        betas.append(beta)
+        basis.append([x / beta for x in w])
+    k = len(alphas)
+    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if k > 1:
+        off = torch.tensor(betas[:k - 1], dtype=torch.float64)
+        T += torch.diag(off, 1) + torch.diag(off, -1)
+    vals, vecs = torch.linalg.eigh(T)
+    top, bottom = float(vals[-1]), float(vals[0])
+    residual = abs(betas[k - 1] * float(vecs[-1, -1]))  # |beta_k e_k^T y|: the Ritz pair's residual norm
+    return {"top": top, "bottom": bottom, "iterations": k, "converged": residual <= tol * max(abs(top), 1e-30)}
 
 
 def top_eigenvalue(hvp, like: list[torch.Tensor], restrict: list[torch.Tensor | None] | None = None,
                    iters: int = 20, tol: float = 1e-4, seed: int = 0) -> dict:
     """The LARGEST eigenvalue of P H P (the sharpness; P keeps the coordinates where `restrict` is True, None = all
-    of that tensor) by power iteration from a seeded random start. Power iteration finds the largest MAGNITUDE; when
-    that one is negative (a saddle-like released point, seen on `small`), a second iteration on P H P - lambda I
-    (every eigenvalue shifted to >= 0) finds lambda_max - lambda. -> {eigenvalue (largest), largest_magnitude,
-    iterations, converged, dimension}."""
+    of that tensor) by `iters` Lanczos steps from a seeded random start -> {eigenvalue (largest), smallest,
+    largest_magnitude, iterations, converged, dimension}."""
     g = torch.Generator().manual_seed(seed)
     keep = restrict or [None] * len(like)
     proj = [(lambda t, k=k: t if k is None else t * k.to(t.dtype)) for k in keep]
     dim = sum(int(p.numel()) if k is None else int(k.sum()) for p, k in zip(like, keep))
     v = [P(torch.randn(p.shape, generator=g, dtype=p.dtype)) for P, p in zip(proj, like)]
-    norm = math.sqrt(sum(float((x * x).sum()) for x in v))
+    norm = math.sqrt(_dot(v, v))
     if norm == 0:
-        return {"eigenvalue": 0.0, "largest_magnitude": 0.0, "iterations": 0, "converged": True, "dimension": 0}
-    v = [x / norm for x in v]
-
-    def php(x):
-        return [P(h) for P, h in zip(proj, hvp(x))]
-
-    mag, used, done = _power_iteration(php, v, iters, tol)
-    top = mag
-    if mag < 0:
-        mu, used2, done2 = _power_iteration(lambda x: [a - mag * b for a, b in zip(php(x), x)], v, iters, tol)
-        top, used, done = mu + mag, used + used2, done and done2
-    return {"eigenvalue": top, "largest_magnitude": mag, "iterations": used, "converged": done, "dimension": dim}
+        return {"eigenvalue": 0.0, "smallest": 0.0, "largest_magnitude": 0.0, "iterations": 0, "converged": True,
+                "dimension": 0}
+    r = _lanczos(lambda x: [P(h) for P, h in zip(proj, hvp(x))], [x / norm for x in v], min(iters, dim), tol)
+    mag = r["top"] if abs(r["top"]) >= abs(r["bottom"]) else r["bottom"]
+    return {"eigenvalue": r["top"], "smallest": r["bottom"], "largest_magnitude": mag, "iterations": r["iterations"],
+            "converged": r["converged"], "dimension": dim}
 
 
 # ---------------------------------------------------------------------------------------------- the diagnostic
