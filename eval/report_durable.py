@@ -17,7 +17,7 @@ from pathlib import Path
 from pmp.eval import metrics as M
 from pmp.eval.d0 import VARIANTS
 from pmp.eval.durable_spec import DurableSpec
-from pmp.eval.report_format import fmt, mean_std, row, table_head
+from pmp.eval.report_format import fmt, mean_std, ratio_ci, row, table_head
 from pmp.eval.report_plots import write_budget_plot
 from pmp.eval.report_pooled import pooled_ci, pooled_ratio
 
@@ -129,13 +129,6 @@ def _config(p: dict) -> str:
     return f"{p['optimizer']} lr {p['lr']:.2g} {p['schedule']} {p['steps']} steps"
 
 
-def _ci(b: dict) -> str:
-    if b["ratio"] is None:
-        return "n/a"
-    if b["lo"] is None:
-        return f"{fmt(b['ratio'], 2)} (n={b['n']})"
-    und = f", {b['undefined']:.0%} undefined" if b["undefined"] else ""
-    return f"{fmt(b['ratio'], 2)} [{fmt(b['lo'], 2)}, {fmt(b['hi'], 2)}] (n={b['n']}{und})"
 
 
 def _boot(spec: DurableSpec, num: dict | None, den: dict | None) -> dict:
@@ -172,7 +165,7 @@ def _tuned_table(d, t: str, cells: list[dict], spec: DurableSpec) -> list[str]:
         oracle = max(trials, key=lambda c: c["after_val_selected"] * (1 if c["direction"] == "higher" else -1)) \
             if trials else None
         is_base, is_scratch = a == (d.base, "full"), d.role_of.get(a[0]) == "scratch"
-        ratio = "reference" if is_base else "—" if is_scratch else _ci(_boot(spec, x, base))
+        ratio = "reference" if is_base else "—" if is_scratch else ratio_ci(_boot(spec, x, base))
         lines.append(row([_label(d, a), str(len(trials)),
                           (_config(chosen["durable"]["params"]) + f" (trial {chosen['durable']['trial']})")
                           if chosen else "", fmt(x["val"]["mean"]),
@@ -212,7 +205,7 @@ def _fixed_table(d, t: str, spec: DurableSpec) -> list[str]:
             r = [f"`{a}`", mean_std(xp["after"]) if xp else "", mean_std(xb["after"]) if xb else ""]
             r += [mean_std(xm["after"]) if xm else ""] if d.matched else []
             r += [mean_std(xp["gain"]) if xp else "", mean_std(xb["gain"]) if xb else "",
-                  _ci(_boot(spec, xp, xb)) if xp and xb else "n/a",
+                  ratio_ci(_boot(spec, xp, xb)) if xp and xb else "n/a",
                   mean_std(scratch["after"]) if scratch else "n/a"]
             lines.append(row(r))
         lines.append("")
@@ -362,12 +355,12 @@ def _statement(d, t: str, cells: list[dict], spec: DurableSpec) -> list[str]:
             verdict = (f"protection (best-attack gain ratio <= {lim:g}) **holds up to x{upto:g}** the declared "
                        f"budget ({declared}) and fails at x{nxt:g}")
         lines.append(f"- {head}: {verdict}. At x1 the best attacks (chosen on validation) are `{bp['attack']}` / "
-                     f"`{bb['attack']}`: ratio {_ci(r1)}; by budget: {ratios} (larger budgets: the tuned "
+                     f"`{bb['attack']}`: ratio {ratio_ci(r1)}; by budget: {ratios} (larger budgets: the tuned "
                      "full fine-tune only, first seed).")
         own = d.agg.get((p, t, "tuned_authorized"))
         if own is not None:
             lines.append(f"  Owner's authorized fine-tuning at the same budget: gain {mean_std(own['gain'])}, "
-                         f"recovery vs `{bb['attack']}` of `{d.base}` {_ci(_boot(spec, own, bb))}.")
+                         f"recovery vs `{bb['attack']}` of `{d.base}` {ratio_ci(_boot(spec, own, bb))}.")
     return lines + [""]
 
 
@@ -448,7 +441,7 @@ def _pooled_tuned(d, t: str, spec: DurableSpec) -> list[str]:
             lines.append(row([_label(d, a), f"`{n}`", (_config(chosen["durable"]["params"]) + f" (trial {trial})")
                               if chosen else "", fmt(x["val"]["mean"]),
                               f"{mean_std(x['after'])} [{fmt(x['after_final']['mean'])}]", mean_std(x["gain"]),
-                              ref or _ci(_boot(spec, x, base))]))
+                              ref or ratio_ci(_boot(spec, x, base))]))
         x = d.agg.get((a[0], t, f"tuned_{a[1]}"))
         if x is not None:
             lines.append(row([_label(d, a), "**pooled**", "", fmt(x["val"]["mean"]),

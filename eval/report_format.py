@@ -24,3 +24,13 @@ def row(cells: list[str]) -> str:
 
 def table_head(header: list[str]) -> list[str]:
     return [row(header), "|" + "---|" * len(header)]
+
+
+def ratio_ci(b: dict) -> str:
+    """A bootstrapped ratio ({ratio, lo, hi, n, undefined}, eval/metrics.py) as 'r [lo, hi] (n=N)'."""
+    if b["ratio"] is None:
+        return "n/a"
+    if b["lo"] is None:
+        return f"{fmt(b['ratio'], 2)} (n={b['n']})"
+    und = f", {b['undefined']:.0%} undefined" if b["undefined"] else ""
+    return f"{fmt(b['ratio'], 2)} [{fmt(b['lo'], 2)}, {fmt(b['hi'], 2)}] (n={b['n']}{und})"

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from pmp.eval import metrics as M
-from pmp.eval.report_format import fmt, mean_std, row, table_head
+from pmp.eval.report_format import fmt, mean_std, ratio_ci, row, table_head
 
 N_BOOT, LEVEL = 2000, 0.95  # the pooled interval: resamples and confidence (seeded with 0)
 
@@ -104,12 +104,9 @@ def pooled_vocabulary(n_pools: int) -> str:
 
 def pooled_ci(b: dict) -> str:
     """A pooled ratio (`metrics.cluster_bootstrap_ratio`) and its interval."""
-    if b["ratio"] is None:
-        return "n/a"
-    und = f", {b['undefined']:.0%} undefined" if b["undefined"] else ""
-    if b["lo"] is None:
+    if b["ratio"] is not None and b["lo"] is None:  # fewer than 2 pre-training seeds: no interval
         return f"{fmt(b['ratio'], 2)} ({b['n_pools']} pre-training seed(s), n={b['n']})"
-    return f"{fmt(b['ratio'], 2)} [{fmt(b['lo'], 2)}, {fmt(b['hi'], 2)}] (n={b['n']}{und})"
+    return ratio_ci(b)
 
 
 def seed_ci(b: dict) -> str:
