@@ -18,6 +18,12 @@ budget):
 Kill criterion (`kill_above`, from the study file), see KILL_RULE.
 Frontier, per valid task: the variants' mean (x, y) over the seeds where the task is valid, with dense at (0, 1);
 the frontier is the points no other point beats on both axes (lower cost and lower ratio).
+
+Screen and confirmation (CONFIRM_RULE): every point has a `stage`. `screen` points come from the study's attack
+suite; a variant that survives the screen at a seed (`survivors`) is attacked again with a stronger suite, and its
+`confirm` point of that seed then replaces the screen point in the verdicts and frontiers (`counted`): a protection
+claim rests on the strongest attacker run, a kill under the screen stands (a stronger attacker is not needed to
+show that protection is absent, though its dense baseline could gain more -- the note says so).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from pmp.eval import metrics as M
 from pmp.eval.d0 import headline
 
 BASELINE = "dense"  # the reference model's name in a study's attack results
+SCREEN, CONFIRM = "screen", "confirm"  # the stages a point comes from (the study's attack suite; the stronger one)
 
 KILL_RULE = (
     "a point (variant, seed, valid task) is *killed* when the lower end of its bootstrap interval of the best-attack "
@@ -36,6 +43,12 @@ KILL_RULE = (
     "variant is **killed** when any valid task kills it (an attacker picks the task), **mixed** when some seed kills "
     "it on a task and another does not, **alive** when no point is killed, and **no valid task** when no point "
     "counts.")
+
+CONFIRM_RULE = (
+    "a variant *survives the screen* at a seed when at least one task is valid for it there and no valid task kills "
+    "it; a survivor is attacked again with the confirmation suite (next to dense and from scratch, on the tasks "
+    "valid at the screen) and that seed's verdict is read from the confirmation alone. A variant killed by the "
+    "screen is not confirmed: its verdict names the screen suite.")
 
 
 def ppl_cost(ppl: float, dense_ppl: float) -> float:
@@ -89,11 +102,11 @@ def d0_control(d0: dict[str, dict] | None, seed: int) -> dict | None:
 
 
 def seed_points(cells: list[dict], variants: list[str], ppl: dict[str, float], audits: dict[str, dict | None],
-                seed: int, kill_above: float, d0: dict[str, dict] | None = None) -> list[dict]:
+                seed: int, kill_above: float, d0: dict[str, dict] | None = None, stage: str = SCREEN) -> list[dict]:
     """The points of one pre-training seed: its attack cells (every variant, `dense` and the from-scratch
     reference), the held-out perplexity of each run ({name: ppl}, `dense` included), each variant's audit
     report (audit.json content, or None when not audited) and D0 records ({name: eval/d0_run.py record or
-    {'model': name, 'skipped': why}}; None = D0 off)."""
+    {'model': name, 'skipped': why}}; None = D0 off). `stage`: SCREEN (the study's suite) or CONFIRM."""
     cells = M.classic_cells(cells)
     agg = M.aggregate(cells)
     present = {c["model"] for c in cells}
@@ -108,7 +121,7 @@ def seed_points(cells: list[dict], variants: list[str], ppl: dict[str, float], a
         audit = audits.get(v)
         best = (audit or {}).get("best_global") or {}
         points.append({
-            "variant": v, "seed": seed, "ppl": ppl[v], "dense_ppl": ppl[BASELINE],
+            "variant": v, "seed": seed, "stage": stage, "ppl": ppl[v], "dense_ppl": ppl[BASELINE],
             "x": ppl_cost(ppl[v], ppl[BASELINE]),
             "audit": None if audit is None else {"best_attack": audit.get("best_attack"), "auroc": best.get("auroc"),
                                                  "precision_at_rho": best.get("precision_at_rho")},
@@ -130,16 +143,34 @@ def _counts(point_task: dict) -> bool:
     return point_task["valid"] is True and point_task["ratio"] is not None
 
 
+def survivors(points: list[dict]) -> dict[str, list[str]]:
+    """The variants of one seed's screen points that survive it (CONFIRM_RULE) -> {variant: its valid tasks}."""
+    out = {}
+    for p in points:
+        valid = [t for t, pt in p["tasks"].items() if _counts(pt)]
+        if valid and not any(p["tasks"][t]["killed"] for t in valid):
+            out[p["variant"]] = valid
+    return out
+
+
+def counted(points: list[dict]) -> list[dict]:
+    """The points the verdicts and frontiers read: per (variant, seed) its confirmation point where there is one,
+    else its screen point."""
+    confirmed = {(p["variant"], p["seed"]) for p in points if p.get("stage") == CONFIRM}
+    return [p for p in points if p.get("stage") == CONFIRM or (p["variant"], p["seed"]) not in confirmed]
+
+
 def verdicts(points: list[dict], variants: list[str]) -> dict[str, dict]:
-    """Per variant: killed | mixed | alive | no valid task (KILL_RULE), the tasks behind it and the highest
-    interval lower end (or ratio) seen on a valid task."""
+    """Per variant: killed | mixed | alive | no valid task (KILL_RULE), the tasks behind it, the highest interval
+    lower end (or ratio) seen on a valid task and the suites (and stages) of the points it rests on."""
     out = {}
     for v in variants:
         by_task: dict[str, list[bool]] = {}
-        worst = None
+        worst, suites = None, set()
         for p in (p for p in points if p["variant"] == v):
             for t, pt in p["tasks"].items():
                 if _counts(pt):
+                    suites.add(f"{pt['budget'].get('suite')} ({p.get('stage', SCREEN)})")
                     by_task.setdefault(t, []).append(bool(pt["killed"]))
                     low = pt["lo"] if pt["lo"] is not None else pt["ratio"]
                     worst = low if worst is None else max(worst, low)
@@ -147,7 +178,7 @@ def verdicts(points: list[dict], variants: list[str]) -> dict[str, dict]:
         mixed = sorted(t for t, ks in by_task.items() if any(ks) and not all(ks))
         verdict = ("no valid task" if not by_task else "killed" if killed else "mixed" if mixed else "alive")
         out[v] = {"verdict": verdict, "killed_on": killed, "mixed_on": mixed, "valid_tasks": sorted(by_task),
-                  "highest_lower_end": worst}
+                  "highest_lower_end": worst, "decided_by": sorted(suites)}
     return out
 
 
@@ -176,12 +207,17 @@ def frontiers(points: list[dict], variants: list[str]) -> dict[str, dict]:
 
 
 def frontier(points: list[dict], variants: list[str], seeds: list[int], kill_above: float,
-             stages: list[dict] | None = None, d0_controls: list[dict] | None = None) -> dict:
-    """Everything frontier.json holds (`d0_controls`: `d0_control` of each seed where D0 ran)."""
-    budgets = {}
+             stages: list[dict] | None = None, d0_controls: list[dict] | None = None, confirm_suite: str = "") -> dict:
+    """Everything frontier.json holds (`d0_controls`: `d0_control` of each seed where D0 ran; `confirm_suite`: the
+    study's confirmation suite, '' = none). `points` holds every stage's points; the verdicts and frontiers read the
+    `counted` ones."""
+    budgets: dict[str, dict] = {SCREEN: {}, CONFIRM: {}}
     for p in points:
         for t, pt in p["tasks"].items():
-            budgets.setdefault(t, pt["budget"])
-    return {"format": 1, "seeds": seeds, "variants": variants, "reference": BASELINE, "kill_above": kill_above,
-            "kill_rule": KILL_RULE, "budgets": budgets, "points": points, "verdicts": verdicts(points, variants),
-            "frontiers": frontiers(points, variants), "d0_controls": d0_controls or [], "stages": stages or []}
+            budgets[p.get("stage", SCREEN)].setdefault(t, pt["budget"])
+    use = counted(points)
+    return {"format": 2, "seeds": seeds, "variants": variants, "reference": BASELINE, "kill_above": kill_above,
+            "kill_rule": KILL_RULE, "confirm_suite": confirm_suite, "confirm_rule": CONFIRM_RULE,
+            "budgets": budgets[SCREEN],
+            "confirm_budgets": budgets[CONFIRM], "points": points, "verdicts": verdicts(use, variants),
+            "frontiers": frontiers(use, variants), "d0_controls": d0_controls or [], "stages": stages or []}

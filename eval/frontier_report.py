@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from pmp.atomic import atomic_file, write_json, write_text
-from pmp.eval.frontier import BASELINE
+from pmp.eval.frontier import BASELINE, SCREEN, counted
 from pmp.eval.report_durable import d0_mask_label
 from pmp.eval.report_format import fmt, row, table_head
 
@@ -98,21 +98,32 @@ def markdown(fr: dict, study_dir: str = "") -> str:
     lines = ["# Protection frontier", "",
              f"- study: `{study_dir}`; pre-training seeds {fr['seeds']}; variants "
              + ", ".join(f"`{v}`" for v in fr["variants"]) + f"; reference: `{BASELINE}` of the same seed",
-             "- attack budget per task (the suite's):", *(_budget_line(t, b) for t, b in fr["budgets"].items()),
-             f"- kill criterion: kill_above = {fr['kill_above']}: {fr['kill_rule']}", "", DEFINITIONS, "",
-             "## Verdicts", ""]
-    lines += table_head(["variant", "verdict", "killed on", "mixed on", "valid tasks", "highest lower end"])
+             "- attack budget per task (the screen suite's):",
+             *(_budget_line(t, b) for t, b in fr["budgets"].items())]
+    if fr.get("confirm_budgets"):
+        lines += ["- confirmation budget per task (the stronger suite run on the screen's survivors):",
+                  *(_budget_line(t, b) for t, b in fr["confirm_budgets"].items())]
+    lines += [f"- kill criterion: kill_above = {fr['kill_above']}: {fr['kill_rule']}",
+              (f"- confirmation by suite `{fr['confirm_suite']}`: {fr['confirm_rule']}" if fr.get("confirm_suite") else
+               "- no confirmation suite (`confirm.suite` in the study file): every verdict is the screen suite's"),
+              "", DEFINITIONS, "", "## Verdicts", ""]
+    lines += table_head(["variant", "verdict", "decided by (suite)", "killed on", "mixed on", "valid tasks",
+                         "highest lower end"])
     for v, d in fr["verdicts"].items():
-        lines.append(row([f"`{v}`", f"**{d['verdict']}**", ", ".join(d["killed_on"]) or "-",
-                          ", ".join(d["mixed_on"]) or "-", ", ".join(d["valid_tasks"]) or "-",
-                          fmt(d["highest_lower_end"], 2)]))
+        lines.append(row([f"`{v}`", f"**{d['verdict']}**", ", ".join(d.get("decided_by", [])) or "-",
+                          ", ".join(d["killed_on"]) or "-", ", ".join(d["mixed_on"]) or "-",
+                          ", ".join(d["valid_tasks"]) or "-", fmt(d["highest_lower_end"], 2)]))
     lines += ["", "## Points (one per variant, seed and task)", ""]
-    lines += table_head(["variant", "seed", "held-out ppl (dense)", "x: ppl cost", "task", "validity",
+    lines += ["Every stage's points; where a variant was confirmed at a seed, its screen row is kept for reference and "
+              "only the confirmation counts.", ""]
+    lines += table_head(["variant", "seed", "stage (suite)", "held-out ppl (dense)", "x: ppl cost", "task", "validity",
                          "best attack (dense's)", "y: gain ratio [CI] (n ft seeds)", "authorized recovery",
                          "audit best AUROC", "kill", "D0 Delta_c", "D0 curvature ratio"])
     for p in fr["points"]:
         for t, pt in p["tasks"].items():
-            lines.append(row([f"`{p['variant']}`", str(p["seed"]), f"{fmt(p['ppl'], 2)} ({fmt(p['dense_ppl'], 2)})",
+            stage = f"{p.get('stage', SCREEN)} ({pt['budget'].get('suite')})"
+            lines.append(row([f"`{p['variant']}`", str(p["seed"]), stage,
+                              f"{fmt(p['ppl'], 2)} ({fmt(p['dense_ppl'], 2)})",
                               f"{p['x']:+.3f}", t, _validity(pt),
                               f"`{pt['best_attack']}` (`{pt['dense_best_attack']}`)", _ratio(pt),
                               fmt(pt["authorized_recovery"], 2), _audit(p), _kill(pt), *_d0_cells(p["d0"])]))
@@ -170,7 +181,7 @@ def _plot(path: Path, fr: dict) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), squeeze=False)
     colors = {v: f"C{i % 10}" for i, v in enumerate(fr["variants"])}
     for ax, t in zip(axes[0], tasks):
-        for p in fr["points"]:
+        for p in counted(fr["points"]):
             pt = p["tasks"].get(t)
             if pt is None or pt["ratio"] is None:
                 continue

@@ -7,6 +7,10 @@ audit of each variant's release, and ONE attack sweep over the dense release, ev
 from-scratch reference (so dense and from-scratch cells are shared by all variants of the seed), then the D0
 diagnostic (eval/d0.py, `d0: true`) of every variant's release with its own mask and of the dense release with the
 first variant's mask (the control), on the attack's first LM task: it names the cause of any protection found.
+With `confirm.suite` (e.g. `durable`), every variant that survives a seed's screen (eval/frontier.py CONFIRM_RULE:
+no valid task kills it) is attacked again with that stronger suite next to dense and from scratch, on the tasks
+valid at the screen, and its verdict at that seed is read from the confirmation: the cheap suite rules variants
+out, the strong one has the last word on any that look protective.
 Every stage reuses the pipeline's resumable pieces (pmp/pipeline.py) and is skipped when done; frontier.* is
 rewritten after each seed's attack and D0, so an interrupted study has a partial frontier.
 
@@ -15,7 +19,8 @@ DIR/
   runs/s<seed>/<name>/          private run directories (never publish): dense and every variant
   releases/s<seed>/<name>/      public releases
   audit/s<seed>/<variant>/      audit.md / audit.json / recovered_mask/ (private: it describes the mask)
-  attack/s<seed>/               one results JSON per (model, task, attack, fine-tuning seed) cell
+  attack/s<seed>/               one results JSON per (model, task, attack, fine-tuning seed) cell (the screen)
+  confirm/s<seed>/              the confirmation suite's cells for the screen's survivors (`confirm.suite`)
   d0/s<seed>/d0__<name>__<task>.json   D0 of each variant's release and of the dense control (eval/d0_run.py)
   stages.json                   the wall time of the call that completed each stage
   frontier.md, frontier.png, frontier.json
@@ -34,6 +39,7 @@ from typing import Any
 
 from pmp.atomic import write_json, write_text
 from pmp.config import RunConfig
+from pmp.data.task_formulations import split_formulation
 from pmp.eval import metrics as M
 from pmp.eval.attack import run_attack
 from pmp.eval.attack_inputs import SCRATCH, ModelSpec, resolve_tasks
@@ -41,7 +47,7 @@ from pmp.eval.attacks import get_suite
 from pmp.eval.config import AttackSettings, AuditSettings
 from pmp.eval.d0_run import D0Settings, d0_path, ensure_d0
 from pmp.eval.durable_spec import DurableSpec
-from pmp.eval.frontier import BASELINE, d0_control, frontier, seed_points
+from pmp.eval.frontier import BASELINE, CONFIRM, d0_control, frontier, seed_points, survivors
 from pmp.eval.frontier_report import write_frontier
 from pmp.eval.models import load_tokenizer
 from pmp.eval.sweep import model_sha
@@ -63,6 +69,29 @@ FIXED_SECTIONS = ("data", "tokenizer", "model")
 FIXED_TRAIN = ("method", "steps", "batch_size", "grad_accum", "data_seed", "eval_batches")
 D0_DEFAULTS = DurableSpec()  # the durable suite's D0 grid: one protocol for both
 D0_SEED = 0  # the attack sweep's first fine-tuning seed, as the durable suite's D0
+
+
+@dataclass
+class ConfirmSettings:
+    """The stronger attacker that confirms the screen's survivors (eval/frontier.py CONFIRM_RULE)."""
+    suite: str = doc("suite that re-attacks every variant surviving a seed's screen, next to dense and from scratch, "
+                     "on the tasks valid at the screen: durable, full or a suite file ('' = no confirmation: the "
+                     "screen suite `attack.suite` decides every verdict)", "")
+    trials: int | None = doc("configurations per arm of the confirmation suite's tuning search (null = its own)", None)
+    budget_factors: list[float] = doc("step multipliers of its budget curves (empty = its own)", default_factory=list)
+    data_sizes: list[int] = doc("attacker train-set sizes of its data curves, in examples (LM tasks: blocks); each "
+                                "must fit every task (empty = its own)", default_factory=list)
+
+    def validate(self) -> ConfirmSettings:
+        AttackSettings(trials=self.trials, budget_factors=self.budget_factors, data_sizes=self.data_sizes).validate()
+        tuned = self.trials is not None or self.budget_factors or self.data_sizes
+        check(bool(self.suite) or not tuned, "confirm.trials / budget_factors / data_sizes are set but confirm.suite "
+              "is empty: name the confirmation suite (e.g. confirm: {{suite: durable}})")
+        if self.suite:
+            check(get_suite(self.suite).durable is not None or not tuned, "confirm.trials / budget_factors / "
+                  "data_sizes set a tuning search, and suite {!r} has none: use suite durable (or a suite file with a "
+                  "durable section)", self.suite)
+        return self
 
 
 @dataclass
@@ -90,6 +119,7 @@ class StudyConfig(RunConfig):
     d0_hessian_iters: int = doc("D0's power-iteration steps per top Hessian eigenvalue", D0_DEFAULTS.hessian_iters)
     d0_hessian_batches: int = doc("D0's training batches the Hessian is taken on", D0_DEFAULTS.hessian_batches)
     attack: AttackSettings = field(default_factory=AttackSettings)
+    confirm: ConfirmSettings = field(default_factory=ConfirmSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
 
     def validate(self) -> StudyConfig:
@@ -97,6 +127,7 @@ class StudyConfig(RunConfig):
         errors name the variant or seed."""
         super().validate()
         self.attack.validate()
+        self.confirm.validate()
         self.audit.validate()
         check_seeds(self.seeds, "seeds", "they become train.data_seed")
         check(0 < self.kill_above, "kill_above must be > 0 (a gain ratio: 1 = the attacker gains as much as on the "
@@ -231,6 +262,36 @@ def _attack(cfg: StudyConfig, releases: dict[str, Path], runs: dict[str, Path], 
     return sweep, sweep["run"] > 0
 
 
+def confirm_attack(attack: AttackSettings, confirm: ConfirmSettings, tasks: list[str]) -> AttackSettings:
+    """The screen's attack settings turned into the confirmation's: the confirmation suite and its search settings,
+    on the named tasks only (registry names go to `tasks`; the user's files are kept only where one of their tasks
+    is named, and verbalisers only for named TASK:lm tasks)."""
+    lm_stem = Path(attack.lm_file).stem if attack.lm_file else None
+    file_stem = Path(attack.task_file).stem if attack.task_file else None
+    from_file = {n for n in tasks if n == lm_stem or split_formulation(n)[0] == file_stem}
+    listed = [n for n in tasks if n not in from_file or (n != lm_stem and split_formulation(n)[1])]
+    return replace(attack, suite=confirm.suite, tasks=",".join(listed) or "none",
+                   lm_file=attack.lm_file if lm_stem in tasks else "",
+                   task_file=attack.task_file if any(split_formulation(n)[0] == file_stem for n in from_file) else "",
+                   verbalisers={k: w for k, w in attack.verbalisers.items() if f"{k}:lm" in tasks},
+                   trials=confirm.trials, budget_factors=list(confirm.budget_factors),
+                   data_sizes=list(confirm.data_sizes))
+
+
+def _confirm(cfg: StudyConfig, plan: dict[str, list[str]], releases: dict[str, Path], runs: dict[str, Path],
+             recovered: dict[str, str], out: Path) -> tuple[dict, bool]:
+    """The confirmation sweep of one seed: dense, every survivor (with its private run and recovered mask) and from
+    scratch, on the tasks valid for any survivor at the screen."""
+    tasks = list(dict.fromkeys(t for ts in plan.values() for t in ts))
+    names = [BASELINE, *plan]
+    sweep = run_attack(attack_config(confirm_attack(cfg.attack, cfg.confirm, tasks), cfg.data.cache_dir,
+                                     models={n: str(releases[n]) for n in names},
+                                     private={n: str(runs[n]) for n in plan},
+                                     recovered={n: p for n, p in recovered.items() if n in plan},
+                                     baseline=BASELINE, out=str(out)))
+    return sweep, sweep["run"] > 0
+
+
 def _d0_task(cfg: StudyConfig):
     """The task D0 runs on: the first LM (perplexity) task of the attack, in the attack's own task order (its
     --lm-file first, then the registry's LM probe `movie_dialog` of `default`), or None when it has none."""
@@ -283,6 +344,8 @@ def run_study(cfg: StudyConfig, out: str | Path) -> dict[str, Path]:
     `out`, then write the frontier -> the paths of frontier.md / .png / .json."""
     cfg.validate()
     get_suite(cfg.attack.suite)  # a bad suite or a missing task file fails before hours of training
+    if cfg.confirm.suite:
+        get_suite(cfg.confirm.suite)
     for what, f in (("attack.task_file", cfg.attack.task_file), ("attack.lm_file", cfg.attack.lm_file)):
         if f and not Path(f).is_file():
             raise FileNotFoundError(f"{what} {f} does not exist")
@@ -318,8 +381,18 @@ def run_study(cfg: StudyConfig, out: str | Path) -> dict[str, Path]:
                                          controls + [d0_control({}, s)]), str(out))
             d0 = ledger.run(f"d0 s{s}", _d0, cfg, d0_task, releases, runs, out / "d0" / f"s{s}")
             controls.append(d0_control(d0, s))
-        points += seed_points(cells, variants, ppl, audits, s, cfg.kill_above, d0)
-        fr = frontier(points, variants, done, cfg.kill_above, ledger.table(), controls)
+        screen = seed_points(cells, variants, ppl, audits, s, cfg.kill_above, d0)
+        points += screen
+        plan = survivors(screen) if cfg.confirm.suite else {}
+        if plan:  # the screen's frontier first: an interrupted confirmation leaves it drawn
+            write_frontier(out, frontier(points, variants, done, cfg.kill_above, ledger.table(), controls,
+                                         cfg.confirm.suite), str(out))
+            where = out / "confirm" / f"s{s}"
+            print(f"[study] seed {s}: {', '.join(plan)} survive the screen ({cfg.attack.suite}); confirming with "
+                  f"{cfg.confirm.suite}", flush=True)
+            ledger.run(f"confirm s{s}", _confirm, cfg, plan, releases, runs, recovered, where)
+            points += seed_points(M.load_cells(where), list(plan), ppl, audits, s, cfg.kill_above, d0, CONFIRM)
+        fr = frontier(points, variants, done, cfg.kill_above, ledger.table(), controls, cfg.confirm.suite)
         paths = write_frontier(out, fr, str(out))
     print(f"\n[study] done: read {paths['md']}")
     for v, d in fr["verdicts"].items():

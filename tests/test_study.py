@@ -14,12 +14,14 @@ import yaml
 from corpus_fixture import generate_text, write_corpus
 
 from pmp.cli import main
+from pmp.eval import metrics as M
 from pmp.eval.d0 import summarize, verdict
 from pmp.eval.d0_run import D0Settings
 from pmp.eval.durable_spec import DurableSpec
-from pmp.eval.frontier import d0_control, frontier, pareto, ppl_cost, seed_points
+from pmp.eval.config import AttackSettings
+from pmp.eval.frontier import CONFIRM, counted, d0_control, frontier, pareto, ppl_cost, seed_points, survivors
 from pmp.eval.frontier_report import markdown
-from pmp.study import StudyConfig
+from pmp.study import ConfirmSettings, StudyConfig, confirm_attack
 from pmp.typed_config import load_typed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,6 +111,49 @@ def test_verdict_over_seeds_and_pareto():
     items = [{"name": n, "x": x, "y": y} for n, x, y in
              [("dense", 0, 1), ("p", 0.1, 0.5), ("q", 0.1, 0.6), ("r", 0.3, 0.5), ("s", -0.1, 1.2), ("u", 0.4, 0.1)]]
     assert [i["name"] for i in pareto(items)] == ["s", "dense", "p", "u"]
+
+
+def test_survivors_are_confirmed_and_the_confirmation_decides():
+    ppl = {"dense": 100.0, "v1": 110.0, "v2": 120.0}
+    screen = seed_points(hand_cells(), ["v1", "v2"], ppl, {}, 0, 0.45)
+    # kill_above 0.45: v1's interval (lower end 1/3, ratio 0.4) reaches below it -> v1 survives on its only valid
+    # task `t`; v2 gains half of dense's at both seeds (interval [0.5, 0.5]) -> killed, not confirmed
+    assert survivors(screen) == {"v1": ["t"]}
+    assert survivors(seed_points(hand_cells(), ["v1", "v2"], ppl, {}, 0, 0.3)) == {}  # both killed on `t`
+    # the stronger attacker: v1's full fine-tune now gains as much as dense's (ratio 1) -> killed by the confirmation
+    strong = [dict(c, after_val_selected=c["after_val_selected"] + (0.2 if c["model"] == "v1" and c["attack"] == "full"
+                                                                    else 0.0), suite="strong")
+              for c in hand_cells()]
+    strong = [dict(c, selected_val=c["after_val_selected"]) if c["model"] == "v1" and c["attack"] == "full" else c
+              for c in strong]
+    confirm = seed_points(strong, ["v1"], ppl, {}, 0, 0.45, stage=CONFIRM)
+    assert confirm[0]["stage"] == CONFIRM and confirm[0]["tasks"]["t"]["ratio"] > 0.45
+    pts = screen + confirm
+    assert [(p["variant"], p["stage"]) for p in counted(pts)] == [("v2", "screen"), ("v1", "confirm")]
+    fr = frontier(pts, ["v1", "v2"], [0], 0.45, confirm_suite="strong")
+    assert fr["verdicts"]["v1"]["verdict"] == "killed" and fr["verdicts"]["v1"]["decided_by"] == ["strong (confirm)"]
+    assert fr["verdicts"]["v2"]["verdict"] == "killed" and fr["verdicts"]["v2"]["decided_by"] == ["hand (screen)"]
+    assert fr["budgets"]["t"]["suite"] == "hand" and fr["confirm_budgets"]["t"]["suite"] == "strong"
+    means = {m["name"]: m["y"] for m in fr["frontiers"]["t"]["means"]}
+    assert means["v1"] == pytest.approx(confirm[0]["tasks"]["t"]["ratio"])  # the confirmation's, not the screen's
+    md = markdown(fr)
+    assert "confirmation by suite `strong`" in md and "| `v1` | **killed** | strong (confirm) |" in md
+    assert "| `v1` | 0 | screen (hand) |" in md and "| `v1` | 0 | confirm (strong) |" in md  # both rows shown
+    assert "no confirmation suite" in markdown(frontier(screen, ["v1", "v2"], [0], 0.45))
+
+
+def test_confirmation_attacks_only_the_tasks_it_is_given():
+    a = AttackSettings(suite="quick", tasks="default,trec:lm,mine:lm", lm_file="/d/heldout.txt",
+                       task_file="/d/mine.csv", verbalisers={"trec": "a,b", "mine": "x,y"})
+    c = ConfirmSettings(suite="durable", trials=5, data_sizes=[16])
+    got = confirm_attack(a, c, ["movie_dialog", "heldout", "trec:lm"])
+    assert (got.suite, got.tasks, got.lm_file, got.task_file) == ("durable", "movie_dialog,trec:lm", "/d/heldout.txt",
+                                                                   "")
+    assert got.verbalisers == {"trec": "a,b"} and (got.trials, got.data_sizes) == (5, [16])
+    only_file = confirm_attack(a, c, ["mine:lm"])
+    assert (only_file.tasks, only_file.lm_file, only_file.task_file) == ("mine:lm", "", "/d/mine.csv")
+    assert only_file.verbalisers == {"mine": "x,y"}
+    assert a.suite == "quick" and a.tasks == "default,trec:lm,mine:lm"  # the screen's settings are untouched
 
 
 def fake_d0(model: str, mask_from: str, unmasked: float, owner: float, lam_dense: float, lam_owner: float) -> dict:
@@ -257,10 +302,49 @@ def test_study_end_to_end_then_skips_every_finished_stage(tmp_path, capsys):
     assert "Not run (`d0: false` in the study file)" in (out / "frontier.md").read_text()
 
 
+TINY_CONFIRM_SUITE = """name: tinyconfirm
+seeds: 2
+attacks: [probe]
+lm: {steps: 4, batch_size: 2, max_len: 16, max_train: 12, max_val: 3, max_test: 3, eval_every: 2}
+durable: {trials: 2, sampler: random, budget_factors: [1], curve_lr_scaled: false, data_sizes_lm: [], d0: false,
+          optimizers: [adamw], bootstrap: 100}
+"""
+
+
+def test_study_confirms_its_survivors_with_the_stronger_suite(tmp_path, monkeypatch, capsys):
+    """A variant nothing kills at the screen (kill_above 1000) is re-attacked with the confirmation suite next to
+    dense and from scratch, and its verdict is read from that. Tiny runs may or may not beat from scratch, so
+    validity is pinned here: this checks the plumbing, the rule itself is checked on hand-written cells above."""
+    monkeypatch.setattr(M, "validity", lambda *a, **k: {"valid": True, "why": ""})
+    suite = tmp_path / "tinyconfirm.yaml"
+    suite.write_text(TINY_CONFIRM_SUITE)
+    out = tmp_path / "study"
+    args = study_args(tmp_path, out) + ["--set", "seeds=[0]", "--set", "variants={frozen_r05: {}}", "--set", "d0=false",
+                                        "--set", "audit_variants=false", "--set", "kill_above=1000",
+                                        "--set", f"confirm.suite={suite}", "--set", "confirm.trials=2"]
+    assert main(args) == 0
+    assert "frozen_r05 survive the screen" in capsys.readouterr().out
+    cells = [json.loads(f.read_text()) for f in (out / "confirm" / "s0" / "cells").glob("*.json")]
+    assert {c["model"] for c in cells} == {"dense", "frozen_r05", "from_scratch"}
+    assert {c["suite"] for c in cells} == {"tinyconfirm"} and {c["task"] for c in cells} == {"heldout"}
+    assert any(c.get("stage") == "search" and c["model"] == "frozen_r05" and c["durable"]["arm"] == "authorized"
+               for c in cells)  # the owner's arm: the survivor's private run reached the confirmation
+    fr = json.loads((out / "frontier.json").read_text())
+    assert [(p["variant"], p["stage"]) for p in fr["points"]] == [("frozen_r05", "screen"), ("frozen_r05", "confirm")]
+    assert fr["verdicts"]["frozen_r05"]["decided_by"] == ["tinyconfirm (confirm)"]
+    assert fr["confirm_budgets"]["heldout"]["suite"] == "tinyconfirm" and fr["budgets"]["heldout"]["suite"] == "debug"
+    assert "confirm s0" in json.loads((out / "stages.json").read_text())
+    # resumed: nothing is redone
+    before = {str(f): f.stat().st_mtime_ns for f in (out / "confirm").rglob("*.json") if f.name != "sweep.json"}
+    assert main(args) == 0
+    assert {str(f): f.stat().st_mtime_ns for f in (out / "confirm").rglob("*.json") if f.name != "sweep.json"} == before
+
+
 def test_example_study_files_resolve_to_the_runs_they_promise():
     cfg = load_typed(StudyConfig, ROOT / "configs" / "study_frontier.yaml")
     assert cfg.seeds == [0, 1] and cfg.kill_above == 0.8 and cfg.model.preset == "small"
     assert cfg.d0 is True and cfg.d0_settings() == D0Settings.of(DurableSpec())  # the durable suite's D0 grid
+    assert (cfg.attack.suite, cfg.confirm.suite, cfg.confirm.data_sizes) == ("quick", "durable", [160, 640, 1400])
     want = {"frozen_r05": ("none", "frozen", 0.5), "frozen_r01": ("none", "frozen", 0.1),
             "project": ("none", "project", 0.5), "trap": ("trap", "frozen", 0.5), "illcond": ("illcond", "frozen", 0.5)}
     assert set(cfg.variants) == set(want)
@@ -303,6 +387,10 @@ BAD = [
     ("variants: {a: {}}\nvariantz: {}\n", "did you mean 'variants'"),
     ("variants: {a: {}}\nattack: {lm_file: /nonexistent/heldout.txt}\n", "attack.lm_file /nonexistent/heldout.txt "
      "does not exist"),
+    ("variants: {a: {}}\nconfirm: {suite: nosuch}\n", "unknown suite 'nosuch'"),
+    ("variants: {a: {}}\nconfirm: {trials: 3}\n", "confirm.suite is empty"),
+    ("variants: {a: {}}\nconfirm: {suite: quick, trials: 3}\n", "suite 'quick' has none"),
+    ("variants: {a: {}}\nconfirm: {suite: durable, trials: 0}\n", "trials must be >= 1"),
 ]
 
 
