@@ -15,10 +15,10 @@ from corpus_fixture import generate_text, write_corpus
 
 from pmp.cli import main
 from pmp.eval import metrics as M
+from pmp.eval.config import AttackSettings
 from pmp.eval.d0 import summarize, verdict
 from pmp.eval.d0_run import D0Settings
 from pmp.eval.durable_spec import DurableSpec
-from pmp.eval.config import AttackSettings
 from pmp.eval.frontier import CONFIRM, counted, d0_control, frontier, pareto, ppl_cost, seed_points, survivors
 from pmp.eval.frontier_report import markdown
 from pmp.study import ConfirmSettings, StudyConfig, confirm_attack
