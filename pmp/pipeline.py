@@ -31,10 +31,11 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pmp.atomic import write_text
+from pmp.atomic import sha256_file, write_text
 from pmp.config import ExportConfig, RunConfig
 from pmp.data.prepare import prepare
 from pmp.eval.attack import run_attack
+from pmp.eval.attack_inputs import SCRATCH
 from pmp.eval.attacks import get_suite
 from pmp.eval.audit import run_audit
 from pmp.eval.config import AttackConfig, AttackSettings, AuditConfig, AuditSettings, ReportConfig
@@ -206,7 +207,8 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path) -> Path:
     prepare_data_if_needed(cfg, cfg.attack)
 
     seeds = cfg.pipeline.seeds
-    done = {s: _run_seed(cfg, s, seed_dir(out, seeds, s), len(seeds) > 1) for s in seeds}
+    done = {s: _run_seed(cfg, s, seed_dir(out, seeds, s), len(seeds) > 1, seed_dir(out, seeds, seeds[0]))
+            for s in seeds}
     pooled = None
     if len(seeds) > 1:
         _stage(f"report pooled over pre-training seeds {seeds}")
@@ -228,8 +230,39 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path) -> Path:
     return out
 
 
-def _run_seed(cfg: PipelineConfig, seed: int, out: Path, several: bool) -> dict:
-    """The whole chain at one pre-training seed in `out` -> {'report': report.md, 'lines': its summary lines}."""
+def _scratch_identity(release: Path) -> dict[str, str] | None:
+    """What the from-scratch reference built beside a release depends on: the release's config and tokenizer
+    files (name -> sha256), or None when the release has no config."""
+    if not (release / "config.json").is_file():
+        return None
+    names = [f for f in sorted(release.iterdir()) if f.is_file() and (
+        f.name == "config.json" or f.name.startswith("tokenizer") or
+        f.name in ("special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt"))]
+    return {f.name: sha256_file(f) for f in names}
+
+
+def share_scratch_cells(first: Path, out: Path) -> int:
+    """Copy the first pre-training seed's from-scratch cells (first/attack/cells) into a later seed's results
+    (out/attack/cells) when both dense releases have the same config and tokenizer: the from-scratch reference is
+    the architecture trained on the task alone, so it does not depend on the pre-training seed, and re-running it
+    per seed would repeat the same fine-tunes. Cells already there are left alone, and the sweep still checks
+    every copied cell's inputs (a mismatch is recomputed) -> the number copied."""
+    src, dst = first / "attack" / "cells", out / "attack" / "cells"
+    ident = _scratch_identity(first / "releases" / "dense")
+    if ident is None or ident != _scratch_identity(out / "releases" / "dense") or not src.is_dir():
+        return 0
+    copied = 0
+    for cell in sorted(src.glob(f"{SCRATCH}__*.json")):
+        if not (dst / cell.name).exists():
+            dst.mkdir(parents=True, exist_ok=True)
+            write_text(dst / cell.name, cell.read_text())
+            copied += 1
+    return copied
+
+
+def _run_seed(cfg: PipelineConfig, seed: int, out: Path, several: bool, first: Path) -> dict:
+    """The whole chain at one pre-training seed in `out` (`first`: the first seed's directory, whose from-scratch
+    cells a later seed shares) -> {'report': report.md, 'lines': its summary lines}."""
     at = f", pre-training seed {seed}" if several else ""
     run_cfg = seeded_config(cfg.run_config(), seed)
     runs, releases = {}, {}
@@ -249,6 +282,11 @@ def _run_seed(cfg: PipelineConfig, seed: int, out: Path, several: bool) -> dict:
     recovered = {"pmp": str(out / "audit" / "recovered_mask")} if audit_md else {}
 
     _stage(f"attack (suite {cfg.attack.suite}{at})")
+    if out != first and cfg.attack.scratch:
+        shared = share_scratch_cells(first, out)
+        if shared:
+            print(f"[pipeline] {shared} from-scratch cells taken from {first / 'attack'} (same config and "
+                  "tokenizer: the from-scratch reference does not depend on the pre-training seed)", flush=True)
     sweep = run_attack(attack_config(cfg.attack, cfg.data.cache_dir, models={n: str(p) for n, p in releases.items()},
                                      private={"pmp": str(runs["pmp"])}, recovered=recovered, baseline="dense",
                                      matched="dense_matched" if matched else "", out=str(out / "attack")))

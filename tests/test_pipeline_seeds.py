@@ -10,7 +10,7 @@ import yaml
 from corpus_fixture import generate_text, write_corpus
 
 from pmp.cli import main
-from pmp.pipeline import PipelineConfig, seed_dir, seeded_config
+from pmp.pipeline import PipelineConfig, seed_dir, seeded_config, share_scratch_cells
 from pmp.run_dir import RunDir
 from pmp.typed_config import load_typed
 
@@ -69,6 +69,12 @@ def test_second_seed_joins_a_one_seed_pipeline_and_is_pooled(tmp_path, capsys):
     m0, m1 = r0.load_mask().to_bool(), r1.load_mask().to_bool()
     assert m0.keys() == m1.keys() and any(not (m0[n] == m1[n]).all() for n in m0)
     assert json.loads((s1 / "runs" / "pmp" / "run.json").read_text())["status"] == "finished"
+    # the from-scratch reference does not depend on the pre-training seed: seed 1 takes seed 0's cells as they are
+    # (same config and tokenizer), and its sweep accepts them instead of fine-tuning the same model again
+    scratch0 = {p.name: p.read_bytes() for p in (exp / "attack" / "cells").glob("from_scratch__*.json")}
+    assert scratch0 and {p.name: p.read_bytes() for p in (s1 / "attack" / "cells").glob("from_scratch__*.json")} \
+        == scratch0
+    assert f"{len(scratch0)} from-scratch cells taken from {exp / 'attack'}" in out
 
     md = (exp / "report_pooled" / "report.md").read_text()
     assert md.startswith("# Unauthorized fine-tuning evaluation, pooled over pre-training seeds")
@@ -109,3 +115,30 @@ def test_bad_seed_lists_are_refused_before_anything_is_written(tmp_path, capsys,
     err = capsys.readouterr().err
     assert err.startswith("error: ") and expected in err, err
     assert not out.exists()
+
+
+def test_scratch_cells_are_shared_only_between_seeds_with_the_same_config_and_tokenizer(tmp_path):
+    first, later = tmp_path / "s0", tmp_path / "s1"
+    for d in (first, later):
+        rel = d / "releases" / "dense"
+        rel.mkdir(parents=True)
+        (rel / "config.json").write_text('{"hidden_size": 32}')
+        (rel / "tokenizer.json").write_text('{"vocab": 1}')
+        (rel / "model.safetensors").write_bytes(d.name.encode())  # the weights differ per seed: irrelevant here
+    cells = first / "attack" / "cells"
+    cells.mkdir(parents=True)
+    for name in ("from_scratch__t__probe__s0.json", "from_scratch__t__full__s0.json", "dense__t__probe__s0.json"):
+        (cells / name).write_text(name)
+    (later / "releases" / "dense" / "tokenizer.json").write_text('{"vocab": 2}')
+    assert share_scratch_cells(first, later) == 0 and not (later / "attack").exists()  # another tokenizer
+    (later / "releases" / "dense" / "tokenizer.json").write_text('{"vocab": 1}')
+    dst = later / "attack" / "cells"
+    dst.mkdir(parents=True)
+    (dst / "from_scratch__t__probe__s0.json").write_text("its own")
+    assert share_scratch_cells(first, later) == 1  # only the missing from-scratch cell; never dense's
+    assert sorted(p.name for p in dst.iterdir()) == ["from_scratch__t__full__s0.json",
+                                                     "from_scratch__t__probe__s0.json"]
+    assert (dst / "from_scratch__t__probe__s0.json").read_text() == "its own"
+    (later / "releases" / "dense" / "config.json").write_text('{"hidden_size": 64}')
+    (dst / "from_scratch__t__full__s0.json").unlink()
+    assert share_scratch_cells(first, later) == 0  # another architecture
