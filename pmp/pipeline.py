@@ -241,15 +241,15 @@ def _scratch_identity(release: Path) -> dict[str, str] | None:
     return {f.name: sha256_file(f) for f in names}
 
 
-def share_scratch_cells(first: Path, out: Path) -> int:
-    """Copy the first pre-training seed's from-scratch cells (first/attack/cells) into a later seed's results
-    (out/attack/cells) when both dense releases have the same config and tokenizer: the from-scratch reference is
-    the architecture trained on the task alone, so it does not depend on the pre-training seed, and re-running it
-    per seed would repeat the same fine-tunes. Cells already there are left alone, and the sweep still checks
-    every copied cell's inputs (a mismatch is recomputed) -> the number copied."""
-    src, dst = first / "attack" / "cells", out / "attack" / "cells"
-    ident = _scratch_identity(first / "releases" / "dense")
-    if ident is None or ident != _scratch_identity(out / "releases" / "dense") or not src.is_dir():
+def share_scratch_cells(src: Path, src_baseline: Path, dst: Path, dst_baseline: Path) -> int:
+    """Copy the first pre-training seed's from-scratch cells (results directory `src`, baseline release
+    `src_baseline`) into a later seed's results `dst` when both baseline releases have the same config and
+    tokenizer: the from-scratch reference is the architecture trained on the task alone, so it does not depend on
+    the pre-training seed, and re-running it per seed would repeat the same fine-tunes. Cells already there are left
+    alone, and the sweep still checks every copied cell's inputs (a mismatch is recomputed) -> the number copied."""
+    src, dst = src / "cells", dst / "cells"
+    ident = _scratch_identity(src_baseline)
+    if ident is None or ident != _scratch_identity(dst_baseline) or not src.is_dir():
         return 0
     copied = 0
     for cell in sorted(src.glob(f"{SCRATCH}__*.json")):
@@ -283,7 +283,8 @@ def _run_seed(cfg: PipelineConfig, seed: int, out: Path, several: bool, first: P
 
     _stage(f"attack (suite {cfg.attack.suite}{at})")
     if out != first and cfg.attack.scratch:
-        shared = share_scratch_cells(first, out)
+        shared = share_scratch_cells(first / "attack", first / "releases" / "dense", out / "attack",
+                                     out / "releases" / "dense")
         if shared:
             print(f"[pipeline] {shared} from-scratch cells taken from {first / 'attack'} (same config and "
                   "tokenizer: the from-scratch reference does not depend on the pre-training seed)", flush=True)

@@ -59,6 +59,7 @@ from pmp.pipeline import (
     export_if_needed,
     prepare_data_if_needed,
     pretrain_if_needed,
+    share_scratch_cells,
 )
 from pmp.run_dir import BOOKKEEPING, RunDir, config_difference
 from pmp.typed_config import check, doc, dump_yaml, from_dict, set_dotted, to_dict
@@ -372,6 +373,10 @@ def run_study(cfg: StudyConfig, out: str | Path) -> dict[str, Path]:
             audits[v] = json.loads((where / "audit.json").read_text())
             recovered[v] = str(where / "recovered_mask")
         attack_dir = out / "attack" / f"s{s}"
+        first = cfg.seeds[0]
+        if s != first and cfg.attack.scratch:  # the from-scratch reference does not depend on the seed
+            share_scratch_cells(out / "attack" / f"s{first}", out / "releases" / f"s{first}" / BASELINE, attack_dir,
+                                releases[BASELINE])
         ledger.run(f"attack s{s}", _attack, cfg, releases, runs, recovered, attack_dir)
         ppl = {n: RunDir(r).read_status()["final_val_ppl"] for n, r in runs.items()}
         cells, done, d0 = M.load_cells(attack_dir), cfg.seeds[:cfg.seeds.index(s) + 1], None

@@ -130,15 +130,19 @@ def test_scratch_cells_are_shared_only_between_seeds_with_the_same_config_and_to
     for name in ("from_scratch__t__probe__s0.json", "from_scratch__t__full__s0.json", "dense__t__probe__s0.json"):
         (cells / name).write_text(name)
     (later / "releases" / "dense" / "tokenizer.json").write_text('{"vocab": 2}')
-    assert share_scratch_cells(first, later) == 0 and not (later / "attack").exists()  # another tokenizer
+
+    def share():
+        return share_scratch_cells(first / "attack", first / "releases" / "dense", later / "attack",
+                                   later / "releases" / "dense")
+    assert share() == 0 and not (later / "attack").exists()  # another tokenizer
     (later / "releases" / "dense" / "tokenizer.json").write_text('{"vocab": 1}')
     dst = later / "attack" / "cells"
     dst.mkdir(parents=True)
     (dst / "from_scratch__t__probe__s0.json").write_text("its own")
-    assert share_scratch_cells(first, later) == 1  # only the missing from-scratch cell; never dense's
+    assert share() == 1  # only the missing from-scratch cell; never dense's
     assert sorted(p.name for p in dst.iterdir()) == ["from_scratch__t__full__s0.json",
                                                      "from_scratch__t__probe__s0.json"]
     assert (dst / "from_scratch__t__probe__s0.json").read_text() == "its own"
     (later / "releases" / "dense" / "config.json").write_text('{"hidden_size": 64}')
     (dst / "from_scratch__t__full__s0.json").unlink()
-    assert share_scratch_cells(first, later) == 0  # another architecture
+    assert share() == 0  # another architecture

@@ -248,6 +248,9 @@ def test_study_end_to_end_then_skips_every_finished_stage(tmp_path, capsys):
     for s in (0, 1):
         cells = list((out / "attack" / f"s{s}" / "cells").glob("*.json"))
         assert {c.name.split("__")[0] for c in cells} == {"dense", "frozen_r05", "trap", "from_scratch"}
+    scratch = [{p.name: p.read_bytes() for p in (out / "attack" / f"s{s}" / "cells").glob("from_scratch__*")}
+               for s in (0, 1)]
+    assert scratch[0] and scratch[1] == scratch[0]  # seed 1 took seed 0's from-scratch cells (same config, tokenizer)
     # seed s is the batch order of every run of the seed; the variant's overrides reach its run only
     for s, name in [(s, n) for s in (0, 1) for n in ("dense", "frozen_r05", "trap")]:
         rc = yaml.safe_load((out / "runs" / f"s{s}" / name / "config.yaml").read_text())
