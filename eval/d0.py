@@ -16,6 +16,12 @@ halves, per release and task, on the attacker's own data:
    trainable set, its complement and the random mask (the restriction P H P, P the coordinate projection).
    dense / owner near 1 means no curvature barrier; below ~3 an attacker offsets it with <= 3x the steps at a
    lower learning rate (the budget curves grant that).
+
+The owner's secret may also be a function-preserving rescaling key (`pmp protect rescale`, pmp/rescale.py; pass
+`owner_prepare`): then "owner" is the owner's authorized fine-tuning of the UN-SCALED model (every parameter), its
+sharpness is the un-scaled model's over every parameter, and there is no random-mask arm. The same two questions
+are asked: do the attacker's updates of the released (scaled) weights lose to the owner's at the attacker's best
+learning rate (Delta_c > 0), and is that a curvature effect of the scales (released / un-scaled sharpness)?
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 from pmp.eval.attacks import Attack
 from pmp.eval.evaluate import evaluate
@@ -112,36 +119,47 @@ def top_eigenvalue(hvp, like: list[torch.Tensor], restrict: list[torch.Tensor | 
 
 # ---------------------------------------------------------------------------------------------- the diagnostic
 def d0_diagnostic(load: Callable[[], torch.nn.Module], pt: PreparedTask, owner_layouts: dict, *, lrs, steps,
-                  batch_size: int, seed: int, hessian_iters: int, hessian_batches: int, log=None) -> dict:
+                  batch_size: int, seed: int, hessian_iters: int, hessian_batches: int, log=None,
+                  owner_prepare: Callable[[nn.Module], None] | None = None) -> dict:
     """D0 of one model on one prepared task. `load()` returns a fresh task model (seeded head); `owner_layouts`
-    the owner's mask (or, for a baseline, the protected model's, as a control). -> a JSON-able record."""
+    the owner's mask (or, for a baseline, the protected model's, as a control); or, with `owner_prepare` (e.g.
+    un-scaling by the owner's rescale key, in place), no mask: the owner prepares the model, then trains every
+    parameter. -> a JSON-able record."""
     t0 = time.perf_counter()
     probe = load()
     heads = head_names(probe, pt.kind)
     owner = {n: lay for n, lay in owner_layouts.items() if n in dict(probe.named_parameters()) and n not in heads}
-    density = sum(lay.nnz for lay in owner.values()) / max(sum(lay.rows * lay.cols for lay in owner.values()), 1)
+    density = (None if owner_prepare else
+               sum(lay.nnz for lay in owner.values()) / max(sum(lay.rows * lay.cols for lay in owner.values()), 1))
+    variants = ("dense", "owner") if owner_prepare else VARIANTS
     base_val = evaluate(probe, pt, "val")["loss"]
     del probe
     updates = []
     for lr in lrs:
         row = {"lr": lr}
-        for variant in VARIANTS:
-            row[variant] = _short_run(load, pt, variant, owner, density, lr, steps, batch_size, seed)
+        for variant in variants:
+            row[variant] = _short_run(load, pt, variant, owner, density, lr, steps, batch_size, seed, owner_prepare)
         updates.append(row)
         if log:
-            log(f"[d0] lr {lr:g}: " + ", ".join(f"{v} {row[v][str(max(steps))]:.4f}" for v in VARIANTS))
-    out = {"val_loss_before": base_val, "owner_density": density, "steps": list(steps), "updates": updates,
-           "curvature": _curvature(load, pt, owner, density, batch_size, seed, hessian_iters, hessian_batches)}
+            log(f"[d0] lr {lr:g}: " + ", ".join(f"{v} {row[v][str(max(steps))]:.4f}" for v in variants))
+    curvature = (_curvature_prepared(load, owner_prepare, pt, batch_size, seed, hessian_iters, hessian_batches)
+                 if owner_prepare else
+                 _curvature(load, pt, owner, density, batch_size, seed, hessian_iters, hessian_batches))
+    out = {"val_loss_before": base_val, "owner": "prepared" if owner_prepare else "mask", "owner_density": density,
+           "steps": list(steps), "updates": updates, "curvature": curvature}
     out["summary"] = summarize(out)
     out["seconds"] = time.perf_counter() - t0
     return out
 
 
-def _short_run(load, pt: PreparedTask, variant: str, owner: dict, density: float, lr: float, steps, batch_size: int,
-               seed: int) -> dict:
+def _short_run(load, pt: PreparedTask, variant: str, owner: dict, density: float | None, lr: float, steps,
+               batch_size: int, seed: int, owner_prepare: Callable[[nn.Module], None] | None = None) -> dict:
     """Validation loss after each of `steps` AdamW steps of one variant (inf from a non-finite loss on)."""
     model = load()
     kind = {"dense": "full", "owner": "authorized", "random": "random_mask"}[variant]
+    if variant == "owner" and owner_prepare is not None:  # e.g. un-scaled by the owner, then every parameter
+        owner_prepare(model)
+        kind = "full"
     layouts = (owner if variant == "owner" else
                random_layouts(model, density, seed, head_names(model, pt.kind) | (set(dict(model.named_parameters()))
                                                                                   - set(owner)))
@@ -167,20 +185,40 @@ def _short_run(load, pt: PreparedTask, variant: str, owner: dict, density: float
     return out
 
 
-def _curvature(load, pt: PreparedTask, owner: dict, density: float, batch_size: int, seed: int, iters: int,
-               n_batches: int) -> dict:
-    model = load()
+def _hvp_of(model: nn.Module, pt: PreparedTask, batch_size: int, seed: int, n_batches: int):
+    """(base parameters by name, their Hessian-vector product) of the model's training loss on `n_batches` fixed
+    batches of the task (the same batches for every model at the same seed)."""
     if hasattr(model, "set_attn_implementation"):  # fused CPU attention has no double backward
         model.set_attn_implementation("eager")
     model.eval()
     heads = head_names(model, pt.kind)
     named = [(n, p) for n, p in model.named_parameters() if n not in heads]
-    params = [p for _, p in named]
     for n, p in model.named_parameters():
         p.requires_grad_(n not in heads)
     batches = TrainBatches(pt, batch_size, seed)
     fixed = [batches.next() for _ in range(n_batches)]
-    hvp = loss_hvp([lambda b=b: model(**b).loss for b in fixed], params)
+    return named, loss_hvp([lambda b=b: model(**b).loss for b in fixed], [p for _, p in named])
+
+
+def _curvature_prepared(load, owner_prepare: Callable[[nn.Module], None], pt: PreparedTask, batch_size: int,
+                        seed: int, iters: int, n_batches: int) -> dict:
+    """Sharpness over every base parameter of the released model ("dense") and of the owner's prepared one
+    ("owner"), on the same batches and from the same random start."""
+    out = {}
+    for name in ("dense", "owner"):
+        model = load()
+        if name == "owner":
+            owner_prepare(model)
+        named, hvp = _hvp_of(model, pt, batch_size, seed, n_batches)
+        out[name] = top_eigenvalue(hvp, [p for _, p in named], iters=iters, seed=seed)
+    out["batches"] = n_batches
+    return out
+
+
+def _curvature(load, pt: PreparedTask, owner: dict, density: float, batch_size: int, seed: int, iters: int,
+               n_batches: int) -> dict:
+    named, hvp = _hvp_of(load(), pt, batch_size, seed, n_batches)
+    params = [p for _, p in named]
     owner_bool = {n: lay.to_bool() for n, lay in owner.items()}
     g = torch.Generator().manual_seed(seed * 1_000_003 + 31)
     rand_bool = {n: torch.rand(lay.shape, generator=g) < density for n, lay in owner.items()}
@@ -200,6 +238,7 @@ def summarize(d0: dict) -> dict:
     steps), Delta_c there and between each variant's own best, and the dense / owner sharpness ratio."""
     last = str(max(d0["steps"]))
     ups = d0["updates"]
+    present = [v for v in VARIANTS if v in ups[0]]  # no random arm when the owner's secret is not a mask
 
     def best(variant: str) -> dict:
         return min(ups, key=lambda r: r[variant].get(last, math.inf))
@@ -211,9 +250,10 @@ def summarize(d0: dict) -> dict:
         "steps": int(last), "attacker_lr": b_dense["lr"],
         "delta_c_at_attacker_lr": b_dense["dense"][last] - b_dense["owner"][last],
         "delta_c_each_best": best("dense")["dense"][last] - best("owner")["owner"][last],
-        "owner_minus_random_each_best": best("owner")["owner"][last] - best("random")["random"][last],
-        "best_loss": {v: best(v)[v][last] for v in VARIANTS}, "best_lr": {v: best(v)["lr"] for v in VARIANTS},
-        "eigenvalues": lam, "sharpness_ratio": ratio,
+        "owner_minus_random_each_best": (best("owner")["owner"][last] - best("random")["random"][last]
+                                         if "random" in present else None),
+        "best_loss": {v: best(v)[v][last] for v in present}, "best_lr": {v: best(v)["lr"] for v in present},
+        "eigenvalues": lam, "sharpness_ratio": ratio, "owner": d0.get("owner", "mask"),
     }
 
 
@@ -231,26 +271,32 @@ def headline(rec: dict) -> dict:
 
 
 def verdict(s: dict) -> str:
-    """One sentence naming the cause, from `summarize`."""
+    """One sentence naming the cause, from `summarize` (mask owners and owners who prepare the model, e.g. un-scale
+    it, alike; the wording says which)."""
     dc, r = s["delta_c_at_attacker_lr"], s["sharpness_ratio"]
-    first = (f"at the attacker's best learning rate ({s['attacker_lr']:g}) unmasked updates reach a validation loss "
-             f"{'higher' if dc > 0 else 'no higher'} than the owner's masked ones after {s['steps']} steps "
-             f"(Delta_c = {dc:+.4f})")
+    masked = s.get("owner", "mask") == "mask"
+    them, us = (("unmasked updates", "the owner's masked ones") if masked else
+                ("the attacker's updates of the released weights", "the owner's updates after its own preparation "
+                 "(un-scaling)"))
+    first = (f"at the attacker's best learning rate ({s['attacker_lr']:g}) {them} reach a validation loss "
+             f"{'higher' if dc > 0 else 'no higher'} than {us} after {s['steps']} steps (Delta_c = {dc:+.4f})")
     if r is None or not math.isfinite(r):
         curv = "the owner-restricted sharpness is zero or undefined (no curvature comparison)"
     else:
-        curv = f"the dense / owner sharpness ratio is {r:.2f}"
+        curv = (f"the dense / owner sharpness ratio is {r:.2f}" if masked else
+                f"the released / prepared sharpness ratio is {r:.2f}")
+    where = "off the mask" if masked else "in the released coordinates"
     if dc <= 0 and (r is None or r < CURVATURE_BARRIER):
         cause = ("no mechanism: neither a first-order nor a curvature barrier -- any gap in the attack tables is "
                  "budget, not protection")
     elif dc <= 0:
-        cause = ("the loss is sharper off the mask, but unmasked updates already win at the attacker's best "
-                 "learning rate: the curvature barrier does not bind")
+        cause = (f"the loss is sharper {where}, but the attacker's updates already win at its best learning rate: "
+                 "the curvature barrier does not bind")
     elif r is not None and math.isfinite(r) and r >= CURVATURE_BARRIER:
-        cause = (f"a curvature barrier: unmasked updates are held back by sharpness off the mask; an attacker with "
+        cause = (f"a curvature barrier: the attacker's updates are held back by sharpness {where}; an attacker with "
                  f"~{r:.0f}x the steps at ~1/{r:.0f} the learning rate is expected to undo it (see the budget "
                  "curves)")
     else:
-        cause = ("unmasked updates lose at this learning rate, but the sharpness ratio is small: a learning-rate "
-                 "or step effect, expected to vanish at a larger budget (see the budget curves)")
+        cause = ("the attacker's updates lose at this learning rate, but the sharpness ratio is small: a "
+                 "learning-rate or step effect, expected to vanish at a larger budget (see the budget curves)")
     return f"{first}; {curv}. Cause: {cause}."

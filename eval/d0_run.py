@@ -24,6 +24,7 @@ from pmp.eval.models import load_model
 from pmp.eval.task_data import PreparedTask
 from pmp.mask import PrivateMask
 from pmp.provenance import git_commit, versions
+from pmp.rescale import RescaleKey, unscale
 
 
 @dataclass(frozen=True)
@@ -73,12 +74,14 @@ def read_d0(path: Path) -> dict | None:
     return d if isinstance(d, dict) and d.get("status") == "done" else None
 
 
-def ensure_d0(path: Path, m: ModelSpec, task, mask: PrivateMask, mask_from: str, budget: Budget, seed: int,
-              settings: D0Settings, model_sha: str, prepared: Callable[[], PreparedTask]) -> tuple[dict, bool]:
-    """The D0 record of model `m` (a release; `m.path`) with `mask` (its owner's, or -- a control -- another
-    model's, named by `mask_from`) on `task` at `budget` and `seed`: read back from `path` when computed from the
-    same inputs, else computed and written -> (record, whether it ran). `prepared()` gives the task tokenized for
-    `m` at `budget` and `seed` (called only when D0 runs: tokenizing is skipped on a resume)."""
+def ensure_d0(path: Path, m: ModelSpec, task, mask: PrivateMask | RescaleKey, mask_from: str, budget: Budget,
+              seed: int, settings: D0Settings, model_sha: str,
+              prepared: Callable[[], PreparedTask]) -> tuple[dict, bool]:
+    """The D0 record of model `m` (a release; `m.path`) with the owner's secret `mask` -- a mask (its owner's, or
+    -- a control -- another model's, named by `mask_from`) or a rescale key (the owner un-scales, then trains every
+    parameter; eval/d0.py) -- on `task` at `budget` and `seed`: read back from `path` when computed from the same
+    inputs, else computed and written -> (record, whether it ran). `prepared()` gives the task tokenized for `m` at
+    `budget` and `seed` (called only when D0 runs: tokenizing is skipped on a resume)."""
     sha = d0_inputs_sha(model_sha, mask.fingerprint(), task, budget, seed, settings)
     old = read_d0(path)
     if old is not None and old.get("inputs_sha") == sha:
@@ -88,11 +91,14 @@ def ensure_d0(path: Path, m: ModelSpec, task, mask: PrivateMask, mask_from: str,
     def load():
         return load_model(m.path, task.kind, pt.num_labels, seed, config_from=m.config_from, pad_id=pt.pad_id)
 
-    res = d0_diagnostic(load, pt, mask.layouts, lrs=settings.lrs, steps=settings.steps,
+    key = mask if isinstance(mask, RescaleKey) else None
+    res = d0_diagnostic(load, pt, {} if key else mask.layouts, lrs=settings.lrs, steps=settings.steps,
                         batch_size=budget.batch_size, seed=seed, hessian_iters=settings.hessian_iters,
-                        hessian_batches=settings.hessian_batches)
+                        hessian_batches=settings.hessian_batches,
+                        owner_prepare=(lambda model: unscale(model, key)) if key else None)
     rec = {"status": "done", "kind": "d0", "model": m.name, "model_role": m.role, "task": task.name,
-           "task_kind": task.kind, "mask_from": mask_from, "inputs_sha": sha, **res,
+           "task_kind": task.kind, "mask_from": mask_from, "secret": "rescale key" if key else "mask",
+           "inputs_sha": sha, **res,
            "verdict": verdict(res["summary"]), "data": pt.sizes, "batch_size": budget.batch_size,
            "versions": versions(), "git_commit": git_commit(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_json(path, rec)

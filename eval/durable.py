@@ -9,8 +9,8 @@ authorized (mask-aware) fine-tuning. Per task, in this order (so a partial run h
 
 1. the suite's fixed attacks (probe first; adaptive attacks: heal-then-fine-tune, re-init of the suspected
    complement, sparse fine-tuning of random masks of 1 / 10 / 50 %), every seed -- as `Sweep.run` does;
-2. D0 of every model with a mask (`RES/diagnostics/d0__<model>__<task>.json`; eval/d0.py, cached by
-   eval/d0_run.py);
+2. D0 of every model with a mask or a rescale key (`RES/diagnostics/d0__<model>__<task>.json`; eval/d0.py,
+   cached by eval/d0_run.py);
 3. search: K trials per arm at the first seed, cells `<model>__<task>__search_<kind>_tNN__s0` (stage search);
 4. tuned: each arm's best trial on ITS OWN validation split, as `tuned_<kind>` at every seed (stage tuned; the
    first seed's cell is the trial's own result, copied). These are the rows the attack tables and the bootstrap
@@ -247,12 +247,15 @@ class DurableSweep(Sweep):
 
     # ------------------------------------------------------------------------------------------ D0
     def d0_models(self) -> list[tuple[ModelSpec, object, str]]:
-        """(model, mask, whose mask): every --private model with its own mask; the baselines with the first
-        protected model's mask, as a control (is the protected model's curvature any different?)."""
+        """(model, owner secret, whose): every --private model with its own mask or rescale key; the baselines with
+        the first protected model's mask, as a control (is the protected model's curvature any different?). A
+        rescale key has no control: it only fits the weights it scaled."""
         out, first = [], next(iter(self.masks.items()), None)
         for m in self.models:
             if m.name in self.masks:
                 out.append((m, self.masks[m.name], m.name))
+            elif m.name in self.keys:
+                out.append((m, self.keys[m.name], m.name))
             elif first is not None and m.role in ("baseline", "matched"):
                 out.append((m, first[1], first[0]))
         return out

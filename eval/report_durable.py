@@ -49,8 +49,8 @@ def durable_sections(d, out: Path, seed: str = "") -> list[str]:
             lines += _curves(d, t, dt, spec, out, re.sub(r"[^A-Za-z0-9_.-]", "_", f"_{seed}") if seed else "")
             lines += _statement(d, t, dt, spec)
         mine = [x for x in diags if x["task"] == t]
-        lines += _d0_lines(mine) if mine else ["D0 diagnostic: not run for this task (it needs the owner's mask: "
-                                               "`pmp attack --private NAME=RUN`).", ""]
+        lines += _d0_lines(mine) if mine else ["D0 diagnostic: not run for this task (it needs the owner's mask or "
+                                               "rescale key: `pmp attack --private NAME=RUN`).", ""]
     return lines
 
 
@@ -365,7 +365,9 @@ def _statement(d, t: str, cells: list[dict], spec: DurableSpec) -> list[str]:
 
 
 def d0_mask_label(x: dict) -> str:
-    """Whose mask a D0 record (or `d0.headline`) was taken with: the model's own, or another's as a control."""
+    """Whose secret a D0 record (or `d0.headline`) was taken with: the model's own, or another's as a control."""
+    if x.get("secret") == "rescale key":
+        return "its own private rescale key"
     return "its own private mask" if x["mask_from"] == x["model"] else f"the mask of `{x['mask_from']}` (control)"
 
 
@@ -374,22 +376,23 @@ def _d0_lines(diags: list[dict]) -> list[str]:
     for x in diags:
         steps = [str(s) for s in x["steps"]]
         own = d0_mask_label(x)
+        variants = [v for v in VARIANTS if v in x["updates"][0]]
+        owner = ("random mask of the owner's density " + fmt(x["owner_density"], 3) if "random" in variants else
+                 "owner = the owner's un-scaled model, every parameter trained; dense = the released weights")
         lines += [f"### D0 diagnostic: `{x['model']}` ({own})", "",
                   f"Validation loss before any update {fmt(x['val_loss_before'], 4)}; AdamW, constant learning rate, "
-                  f"batch {x.get('batch_size')}; random mask of the owner's density {fmt(x['owner_density'], 3)}.",
-                  ""]
-        lines += table_head(["lr"] + [f"{v} @{s}" for s in steps for v in VARIANTS])
+                  f"batch {x.get('batch_size')}; {owner}.", ""]
+        lines += table_head(["lr"] + [f"{v} @{s}" for s in steps for v in variants])
         for u in x["updates"]:
-            lines.append(row([f"{u['lr']:g}"] + [fmt(u[v].get(s), 4) for s in steps for v in VARIANTS]))
+            lines.append(row([f"{u['lr']:g}"] + [fmt(u[v].get(s), 4) for s in steps for v in variants]))
         cur, s = x["curvature"], x["summary"]
         eig = ", ".join(f"{k} {fmt(v['eigenvalue'], 3)}" + ("" if v["converged"] else " (not converged)")
                         for k, v in cur.items() if isinstance(v, dict))
-        lines += ["", f"Largest Hessian eigenvalue, the sharpness (power iteration on Hessian-vector products, "
-                  f"shifted when the dominant eigenvalue is negative; {cur.get('batches')} "
-                  f"batch(es)): {eig}; dense / owner = {fmt(s['sharpness_ratio'], 2)}. Delta_c at the attacker's best "
-                  f"lr = {fmt(s['delta_c_at_attacker_lr'], 4)}; between each variant's own best = "
-                  f"{fmt(s['delta_c_each_best'], 4)}; owner - random = {fmt(s['owner_minus_random_each_best'], 4)}.",
-                  "", f"**Verdict:** {x['verdict']}", ""]
+        lines += ["", f"Largest Hessian eigenvalue, the sharpness (Lanczos on Hessian-vector products; "
+                  f"{cur.get('batches')} batch(es)): {eig}; dense / owner = {fmt(s['sharpness_ratio'], 2)}. Delta_c "
+                  f"at the attacker's best lr = {fmt(s['delta_c_at_attacker_lr'], 4)}; between each variant's own "
+                  f"best = {fmt(s['delta_c_each_best'], 4)}; owner - random = "
+                  f"{fmt(s.get('owner_minus_random_each_best'), 4)}.", "", f"**Verdict:** {x['verdict']}", ""]
     return lines
 
 
@@ -528,8 +531,8 @@ def _pooled_statement(d, t: str, cells: dict[str, list[dict]], spec: DurableSpec
 def _pooled_d0(d, t: str, diags: dict[str, list[dict]]) -> list[str]:
     rows = [(n, x) for n, xs in diags.items() for x in xs if x["task"] == t]
     if not rows:
-        return ["D0 diagnostic: not run for this task at any pre-training seed (it needs the owner's mask: "
-                "`pmp attack --private NAME=RUN`).", ""]
+        return ["D0 diagnostic: not run for this task at any pre-training seed (it needs the owner's mask or rescale "
+                "key: `pmp attack --private NAME=RUN`).", ""]
     lines = ["### D0 diagnostic by pre-training seed", ""]
     lines += table_head(["model (mask)", "pre-training seed", "Delta_c at the attacker's best lr",
                          "top-eigenvalue ratio dense / owner", "verdict"])

@@ -19,6 +19,7 @@ The scales are the owner's secret (`RescaleKey`), kept privately like the mask; 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -41,6 +42,14 @@ class RescaleKey:
         for i, (m, v, q) in enumerate(zip(self.mlp, self.v, self.qk, strict=True)):
             out.update({f"layers.{i}.mlp": m, f"layers.{i}.v": v, f"layers.{i}.qk": q})
         return out
+
+    def fingerprint(self) -> str:
+        """sha256 over the strength, names, shapes and float32 log-scales: identifies the key exactly."""
+        h = hashlib.sha256(repr(float(self.strength)).encode() + b"\0")
+        for n, t in sorted(self.tensors().items()):
+            h.update(n.encode() + b"\0" + repr(list(t.shape)).encode() + b"\0")
+            h.update(t.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+        return h.hexdigest()
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], strength: float) -> RescaleKey:

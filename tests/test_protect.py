@@ -17,7 +17,13 @@ from pmp.config import ExportConfig, ProtectConfig, ProtectTrainConfig, load_con
 from pmp.eval import sweep as sweep_module
 from pmp.eval.attack_inputs import resolve_models, resolve_tasks
 from pmp.eval.attacks import Budget, Suite, get_attack
+from pmp.eval.d0 import _hvp_of, _short_run, top_eigenvalue
+from pmp.eval.d0_run import D0Settings, ensure_d0
+from pmp.eval.durable import DurableSweep
+from pmp.eval.durable_spec import DurableSpec
+from pmp.eval.models import load_tokenizer
 from pmp.eval.sweep import Sweep
+from pmp.eval.task_data import prepare_task
 from pmp.protect import protect
 from pmp.release import export_release
 from pmp.rescale import fold_norms
@@ -154,3 +160,48 @@ def test_the_owners_authorized_arm_unscales_then_trains_every_parameter(runs, tm
     assert seen["authorized_trainable"] == sum(p.numel() for p in balanced.parameters())
     assert not torch.allclose(seen["probe"]["model.layers.0.mlp.up_proj.weight"],
                               balanced.model.layers[0].mlp.up_proj.weight)  # the attacker's view stays scaled
+
+
+# ------------------------------------------------------------------------ D0 with the owner's rescale key
+def test_d0_of_a_rescaled_release_compares_the_attacker_with_the_owners_unscaled_model(runs, tmp_path):
+    """D0 names the cause for a rescale key as for a mask: the attacker's updates of the released (scaled) weights
+    against the owner's updates of the un-scaled model, and the sharpness of each. The owner's arm must be exactly
+    a dense run (and a Hessian) of the balanced base: un-scaling is what makes it the owner's."""
+    _, dense, _ = runs
+    locked = protect(ProtectConfig(base=str(dense), out=str(tmp_path / "locked"), strength=100))
+    rel = export_release(ExportConfig(run=str(locked), out=str(tmp_path / "rel")))
+    lm = tmp_path / "heldout.txt"
+    lm.write_text(generate_text(6000, seed=77))
+    task = resolve_tasks("none", lm_file=str(lm))[0]
+    budget = Budget(steps=2, batch_size=2, max_len=16, max_train=8, max_val=3, max_test=3, eval_every=1)
+    [m] = resolve_models({"locked": str(rel)}, {"locked": str(locked)}, scratch=False)
+    key = RunDir(locked).load_rescale_key()
+    suite = Suite("d0", (get_attack("probe"),), classification=budget, lm=budget, seeds=1,
+                  durable=DurableSpec(trials=1, data_sizes_lm=(), d0_lrs=(1e-3,), d0_steps=(1, 2))).validate()
+    sweep = DurableSweep([m], [task], suite, tmp_path / "res", progress=False, log=lambda *_: None)
+    assert [(x.name, type(k).__name__, whose) for x, k, whose in sweep.d0_models()] == [("locked", "RescaleKey",
+                                                                                          "locked")]
+    settings = D0Settings(lrs=(1e-3, 1e-2), steps=(1, 2), hessian_iters=6, hessian_batches=1)
+    pt = prepare_task(task, load_tokenizer(m.tokenizer_dir), budget, 0)
+    path = tmp_path / "d0.json"
+    rec, ran = ensure_d0(path, m, task, key, "locked", budget, 0, settings, "sha", lambda: pt)
+    assert ran and rec["secret"] == "rescale key" and rec["owner"] == "prepared" and rec["owner_density"] is None
+    assert all(set(u) == {"lr", "dense", "owner"} for u in rec["updates"])  # no random-mask arm
+    assert set(rec["curvature"]) == {"dense", "owner", "batches"}
+    assert "the owner's updates after its own preparation (un-scaling)" in rec["verdict"]
+    assert "released / prepared sharpness ratio" in rec["verdict"]
+
+    def balanced():
+        b = AutoModelForCausalLM.from_pretrained(str(RunDir(dense).final), dtype=torch.float32)
+        fold_norms(b)  # what `protect` did before scaling: un-scaling returns here
+        return b
+
+    for u in rec["updates"]:
+        want = _short_run(balanced, pt, "dense", {}, None, u["lr"], (1, 2), budget.batch_size, 0)
+        assert u["owner"] == pytest.approx(want, rel=1e-4), u["lr"]
+    named, hvp = _hvp_of(balanced(), pt, budget.batch_size, 0, 1)
+    lam = top_eigenvalue(hvp, [p for _, p in named], iters=6, seed=0)["eigenvalue"]
+    assert rec["curvature"]["owner"]["eigenvalue"] == pytest.approx(lam, rel=1e-3)
+    assert rec["curvature"]["dense"]["eigenvalue"] != pytest.approx(lam, rel=1e-2)  # the scales change the Hessian
+    again, ran = ensure_d0(path, m, task, key, "locked", budget, 0, settings, "sha", lambda: pt)
+    assert not ran and again == rec
