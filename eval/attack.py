@@ -27,12 +27,13 @@ def run_attack(cfg: AttackConfig) -> dict:
         raise ValueError(f"trials, budget_factors and data_sizes set a tuning search, and suite {suite.name!r} has "
                          "none: use --suite durable (or a suite file with a durable section)")
     models = resolve_models(cfg.models, cfg.private, cfg.baseline, scratch=cfg.scratch, recovered=cfg.recovered,
-                            matched=cfg.matched)
+                            matched=cfg.matched, references=cfg.references)
     tasks = resolve_tasks(cfg.tasks, cfg.cache_dir, cfg.task_file, cfg.text_column, cfg.label_column, cfg.lm_file,
                           cfg.verbalisers)
     refuse_output_over(cfg.out,
                        releases={**{f"the release --models {n}": p for n, p in cfg.models.items()},
-                                 **{f"the recovered mask --recovered {n}": p for n, p in cfg.recovered.items()}},
+                                 **{f"the recovered mask --recovered {n}": p for n, p in cfg.recovered.items()},
+                                 **{f"the reference --references {n}": p for n, p in cfg.references.items()}},
                        private_runs={f"the private run --private {n}": p for n, p in cfg.private.items()})
     kw = dict(seeds=cfg.seeds, mask_density=cfg.mask_density, heal_file=cfg.heal_file, cache_dir=cfg.cache_dir)
     if suite.durable is not None:  # checks its own inputs (data sizes, optimizers, heal text) before writing

@@ -10,6 +10,7 @@ model named dense*), `matched` (--matched NAME), `scratch`, `other`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,7 @@ class ModelSpec:
     private: Path | None = None
     config_from: Path | None = None  # from_scratch: the release whose config.json gives the architecture
     recovered: Path | None = None  # a mask recovered from the release by an attacker (`pmp audit`)
+    reference: Path | None = None  # the unprotected release a secret-free protection started from (D0 compares)
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -66,13 +68,22 @@ def parse_pairs(items: list[str], what: str) -> dict[str, str]:
 
 def resolve_models(models: dict[str, str], private: dict[str, str] | None = None, baseline: str = "",
                    scratch: bool = True, recovered: dict[str, str] | None = None,
-                   matched: str = "") -> list[ModelSpec]:
+                   matched: str = "", references: dict[str, str] | None = None) -> list[ModelSpec]:
     """Check every input (releases are complete, private runs are runs and trained their release, recovered masks
-    load and fit) and assign roles; nothing is written and no model is trained, so a wrong input fails at once.
-    `matched`: a second dense baseline whose pre-training quality matches the protected model's (an earlier
-    state of the dense run, `pmp export --step`): gains are also compared against it."""
-    private, recovered = private or {}, recovered or {}
+    load and fit, references have the model's architecture and tokenizer) and assign roles; nothing is written and
+    no model is trained, so a wrong input fails at once. `matched`: a second dense baseline whose pre-training
+    quality matches the protected model's (an earlier state of the dense run, `pmp export --step`): gains are also
+    compared against it. `references`: NAME -> the unprotected release a protection without an owner secret
+    (`pmp protect sophon|mlac|sdd`) started from; D0 compares NAME's updates with the same updates of it."""
+    private, recovered, references = private or {}, recovered or {}, references or {}
     baseline = _check_names(models, private, recovered, baseline, matched)
+    unknown = sorted(set(references) - set(models))
+    if unknown:
+        raise ValueError(f"--references names {unknown} that are not in --models ({', '.join(models)})")
+    both = sorted(set(references) & set(private))
+    if both:
+        raise ValueError(f"{both[0]} has both --private and --references: D0 compares a model with its owner's "
+                         "secret when it has one; give --references only for protections without a secret")
     specs = []
     for name, path in models.items():
         rel = check_release(path)
@@ -95,11 +106,29 @@ def resolve_models(models: dict[str, str], private: dict[str, str] | None = None
         if name in recovered:
             rec = Path(recovered[name])
             recovered_mask_sparse_attack_inputs(rec, rel)  # loads and checks it against the release
-        specs.append(ModelSpec(name, rel, role, priv, recovered=rec))
+        ref = None
+        if name in references:
+            ref = check_release(references[name])
+            _check_same_architecture(rel, ref, f"--references {name}=")
+        specs.append(ModelSpec(name, rel, role, priv, recovered=rec, reference=ref))
     if scratch:
         ref = next((s for s in specs if s.role == "baseline"), specs[0])
         specs.append(ModelSpec(SCRATCH, None, "scratch", config_from=ref.path))
     return specs
+
+
+def _check_same_architecture(release: Path, reference: Path, what: str) -> None:
+    """A reference must be the same architecture with the same tokenizer as the release it is compared with."""
+    a, b = (json.loads((d / "config.json").read_text()) for d in (release, reference))
+    keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "vocab_size")
+    diff = [k for k in keys if a.get(k) != b.get(k)]
+    if diff:
+        raise ValueError(f"{what}{reference} is another architecture than {release} ({diff[0]}: {b.get(diff[0])} vs "
+                         f"{a.get(diff[0])}): the reference is the model the protection started from")
+    if load_tokenizer(release).get_vocab() != load_tokenizer(reference).get_vocab():
+        raise ValueError(f"{what}{reference} has another tokenizer than {release}: the reference is the model the "
+                         "protection started from")
 
 
 def check_release_of_run(release: Path, run: RunDir, mask: PrivateMask, name: str) -> None:

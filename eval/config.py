@@ -61,6 +61,9 @@ class AttackConfig(AttackSettings):
                                   "fine-tuning, gives the random-mask density)", default_factory=dict)
     recovered: dict[str, str] = doc("NAME=DIR: a mask an attacker recovered from the release (`pmp audit` writes "
                                     "AUDIT/recovered_mask): enables recovered_mask attacks", default_factory=dict)
+    references: dict[str, str] = doc("NAME=RELEASE: the unprotected release a protection without an owner secret "
+                                     "(pmp protect sophon, mlac, sdd) started from; the durable suite's D0 compares "
+                                     "NAME's updates with the same updates of it", default_factory=dict)
     baseline: str = doc("the dense baseline model's name ('' = the one named dense*)", "")
     matched: str = doc("a second dense baseline whose pre-training quality matches the protected model's (an "
                        "earlier dense state, `pmp export --step`) ('' = none)", "")

@@ -17,11 +17,13 @@ halves, per release and task, on the attacker's own data:
    dense / owner near 1 means no curvature barrier; below ~3 an attacker offsets it with <= 3x the steps at a
    lower learning rate (the budget curves grant that).
 
-The owner's secret may also be a function-preserving rescaling key (`pmp protect rescale`, pmp/rescale.py; pass
-`owner_prepare`): then "owner" is the owner's authorized fine-tuning of the UN-SCALED model (every parameter), its
-sharpness is the un-scaled model's over every parameter, and there is no random-mask arm. The same two questions
-are asked: do the attacker's updates of the released (scaled) weights lose to the owner's at the attacker's best
-learning rate (Delta_c > 0), and is that a curvature effect of the scales (released / un-scaled sharpness)?
+"owner" need not be a mask (pass `owner_prepare`, which turns a freshly loaded model into the owner's, and
+`owner_label`): the owner's **rescale key** (`pmp protect rescale`, pmp/rescale.py) -- "owner" is then the owner's
+fine-tuning of the UN-SCALED model -- or, for a protection without an owner secret (`pmp protect sophon|mlac|sdd`),
+the **unprotected reference** it started from -- "owner" is then the same updates of that model. Every parameter
+is trained, the sharpness is over every parameter, and there is no random-mask arm. The same two questions are
+asked: do the attacker's updates of the released weights lose to the owner's (reference's) at the attacker's best
+learning rate (Delta_c > 0), and is that a curvature effect (released / prepared sharpness)?
 """
 
 from __future__ import annotations
@@ -41,6 +43,17 @@ from pmp.eval.task_batches import TrainBatches
 from pmp.eval.task_data import PreparedTask
 
 VARIANTS = ("dense", "owner", "random")
+# How the verdict names, per kind of owner: the attacker's arm, the owner's arm, the sharpness ratio, where the
+# barrier would sit.
+OWNER_KINDS = {
+    "mask": ("unmasked updates", "the owner's masked ones", "dense / owner", "off the mask"),
+    "rescale key": ("the attacker's updates of the released weights", "the owner's updates after un-scaling",
+                    "released / un-scaled", "in the released coordinates"),
+    "reference": ("the attacker's updates of the protected release", "the same updates of the unprotected reference",
+                  "protected / reference", "at the protected weights"),
+    "prepared": ("the attacker's updates of the released weights", "the owner's updates of its prepared model",
+                 "released / prepared", "at the released weights"),
+}
 CURVATURE_BARRIER = 3.0  # dense / owner sharpness ratio an attacker offsets with <= this many times the steps
 
 
@@ -120,11 +133,11 @@ def top_eigenvalue(hvp, like: list[torch.Tensor], restrict: list[torch.Tensor | 
 # ---------------------------------------------------------------------------------------------- the diagnostic
 def d0_diagnostic(load: Callable[[], torch.nn.Module], pt: PreparedTask, owner_layouts: dict, *, lrs, steps,
                   batch_size: int, seed: int, hessian_iters: int, hessian_batches: int, log=None,
-                  owner_prepare: Callable[[nn.Module], None] | None = None) -> dict:
+                  owner_prepare: Callable[[nn.Module], None] | None = None, owner_label: str = "prepared") -> dict:
     """D0 of one model on one prepared task. `load()` returns a fresh task model (seeded head); `owner_layouts`
     the owner's mask (or, for a baseline, the protected model's, as a control); or, with `owner_prepare` (e.g.
-    un-scaling by the owner's rescale key, in place), no mask: the owner prepares the model, then trains every
-    parameter. -> a JSON-able record."""
+    un-scaling by the owner's rescale key, in place; `owner_label` names it in the record: OWNER_KINDS), no mask:
+    the owner prepares the model, then trains every parameter. -> a JSON-able record."""
     t0 = time.perf_counter()
     probe = load()
     heads = head_names(probe, pt.kind)
@@ -145,7 +158,7 @@ def d0_diagnostic(load: Callable[[], torch.nn.Module], pt: PreparedTask, owner_l
     curvature = (_curvature_prepared(load, owner_prepare, pt, batch_size, seed, hessian_iters, hessian_batches)
                  if owner_prepare else
                  _curvature(load, pt, owner, density, batch_size, seed, hessian_iters, hessian_batches))
-    out = {"val_loss_before": base_val, "owner": "prepared" if owner_prepare else "mask", "owner_density": density,
+    out = {"val_loss_before": base_val, "owner": owner_label if owner_prepare else "mask", "owner_density": density,
            "steps": list(steps), "updates": updates, "curvature": curvature}
     out["summary"] = summarize(out)
     out["seconds"] = time.perf_counter() - t0
@@ -271,21 +284,16 @@ def headline(rec: dict) -> dict:
 
 
 def verdict(s: dict) -> str:
-    """One sentence naming the cause, from `summarize` (mask owners and owners who prepare the model, e.g. un-scale
-    it, alike; the wording says which)."""
+    """One sentence naming the cause, from `summarize` (every kind of owner in OWNER_KINDS; the wording says
+    which)."""
     dc, r = s["delta_c_at_attacker_lr"], s["sharpness_ratio"]
-    masked = s.get("owner", "mask") == "mask"
-    them, us = (("unmasked updates", "the owner's masked ones") if masked else
-                ("the attacker's updates of the released weights", "the owner's updates after its own preparation "
-                 "(un-scaling)"))
+    them, us, ratio_name, where = OWNER_KINDS.get(s.get("owner", "mask"), OWNER_KINDS["prepared"])
     first = (f"at the attacker's best learning rate ({s['attacker_lr']:g}) {them} reach a validation loss "
              f"{'higher' if dc > 0 else 'no higher'} than {us} after {s['steps']} steps (Delta_c = {dc:+.4f})")
     if r is None or not math.isfinite(r):
         curv = "the owner-restricted sharpness is zero or undefined (no curvature comparison)"
     else:
-        curv = (f"the dense / owner sharpness ratio is {r:.2f}" if masked else
-                f"the released / prepared sharpness ratio is {r:.2f}")
-    where = "off the mask" if masked else "in the released coordinates"
+        curv = f"the {ratio_name} sharpness ratio is {r:.2f}"
     if dc <= 0 and (r is None or r < CURVATURE_BARRIER):
         cause = ("no mechanism: neither a first-order nor a curvature barrier -- any gap in the attack tables is "
                  "budget, not protection")

@@ -13,9 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
-from pmp.atomic import write_json
+from pmp.atomic import sha256_file, write_json
 from pmp.eval.attack_inputs import ModelSpec
 from pmp.eval.attacks import Budget, config_digest
 from pmp.eval.d0 import CURVATURE_ESTIMATOR, d0_diagnostic, verdict
@@ -25,6 +26,17 @@ from pmp.eval.task_data import PreparedTask
 from pmp.mask import PrivateMask
 from pmp.provenance import git_commit, versions
 from pmp.rescale import RescaleKey, unscale
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The unprotected release a protection without an owner secret started from: D0's "owner" arm is the same
+    updates of it (`--references NAME=RELEASE`)."""
+    path: Path
+
+    def fingerprint(self) -> str:
+        files = sorted(self.path.glob("*.safetensors")) or sorted(self.path.glob("*.bin"))
+        return config_digest([sha256_file(f) for f in files] + [sha256_file(self.path / "config.json")])
 
 
 @dataclass(frozen=True)
@@ -74,14 +86,30 @@ def read_d0(path: Path) -> dict | None:
     return d if isinstance(d, dict) and d.get("status") == "done" else None
 
 
-def ensure_d0(path: Path, m: ModelSpec, task, mask: PrivateMask | RescaleKey, mask_from: str, budget: Budget,
-              seed: int, settings: D0Settings, model_sha: str,
+def _owner_of(secret, load_release: Callable[[Path], torch.nn.Module]):
+    """(kind, owner_prepare) of an owner secret: a mask needs no preparation; a rescale key un-scales the loaded
+    model; a reference replaces its parameters by the reference's (loaded the same way: the same seeded head)."""
+    if isinstance(secret, RescaleKey):
+        return "rescale key", lambda model: unscale(model, secret)
+    if isinstance(secret, Reference):
+        def take_reference(model: torch.nn.Module) -> None:
+            ref = dict(load_release(secret.path).named_parameters())
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    p.copy_(ref[n])
+        return "reference", take_reference
+    return "mask", None
+
+
+def ensure_d0(path: Path, m: ModelSpec, task, mask: PrivateMask | RescaleKey | Reference, mask_from: str,
+              budget: Budget, seed: int, settings: D0Settings, model_sha: str,
               prepared: Callable[[], PreparedTask]) -> tuple[dict, bool]:
     """The D0 record of model `m` (a release; `m.path`) with the owner's secret `mask` -- a mask (its owner's, or
-    -- a control -- another model's, named by `mask_from`) or a rescale key (the owner un-scales, then trains every
-    parameter; eval/d0.py) -- on `task` at `budget` and `seed`: read back from `path` when computed from the same
-    inputs, else computed and written -> (record, whether it ran). `prepared()` gives the task tokenized for `m` at
-    `budget` and `seed` (called only when D0 runs: tokenizing is skipped on a resume)."""
+    -- a control -- another model's, named by `mask_from`), a rescale key (the owner un-scales, then trains every
+    parameter) or the unprotected `Reference` (the same updates of it; eval/d0.py) -- on `task` at `budget` and
+    `seed`: read back from `path` when computed from the same inputs, else computed and written -> (record,
+    whether it ran). `prepared()` gives the task tokenized for `m` at `budget` and `seed` (called only when D0
+    runs: tokenizing is skipped on a resume)."""
     sha = d0_inputs_sha(model_sha, mask.fingerprint(), task, budget, seed, settings)
     old = read_d0(path)
     if old is not None and old.get("inputs_sha") == sha:
@@ -91,13 +119,12 @@ def ensure_d0(path: Path, m: ModelSpec, task, mask: PrivateMask | RescaleKey, ma
     def load():
         return load_model(m.path, task.kind, pt.num_labels, seed, config_from=m.config_from, pad_id=pt.pad_id)
 
-    key = mask if isinstance(mask, RescaleKey) else None
-    res = d0_diagnostic(load, pt, {} if key else mask.layouts, lrs=settings.lrs, steps=settings.steps,
+    kind, prepare = _owner_of(mask, lambda p: load_model(p, task.kind, pt.num_labels, seed, pad_id=pt.pad_id))
+    res = d0_diagnostic(load, pt, mask.layouts if kind == "mask" else {}, lrs=settings.lrs, steps=settings.steps,
                         batch_size=budget.batch_size, seed=seed, hessian_iters=settings.hessian_iters,
-                        hessian_batches=settings.hessian_batches,
-                        owner_prepare=(lambda model: unscale(model, key)) if key else None)
+                        hessian_batches=settings.hessian_batches, owner_prepare=prepare, owner_label=kind)
     rec = {"status": "done", "kind": "d0", "model": m.name, "model_role": m.role, "task": task.name,
-           "task_kind": task.kind, "mask_from": mask_from, "secret": "rescale key" if key else "mask",
+           "task_kind": task.kind, "mask_from": mask_from, "secret": kind,
            "inputs_sha": sha, **res,
            "verdict": verdict(res["summary"]), "data": pt.sizes, "batch_size": budget.batch_size,
            "versions": versions(), "git_commit": git_commit(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -9,8 +9,8 @@ authorized (mask-aware) fine-tuning. Per task, in this order (so a partial run h
 
 1. the suite's fixed attacks (probe first; adaptive attacks: heal-then-fine-tune, re-init of the suspected
    complement, sparse fine-tuning of random masks of 1 / 10 / 50 %), every seed -- as `Sweep.run` does;
-2. D0 of every model with a mask or a rescale key (`RES/diagnostics/d0__<model>__<task>.json`; eval/d0.py,
-   cached by eval/d0_run.py);
+2. D0 of every model with a mask, a rescale key or a --references release (`RES/diagnostics/
+   d0__<model>__<task>.json`; eval/d0.py, cached by eval/d0_run.py);
 3. search: K trials per arm at the first seed, cells `<model>__<task>__search_<kind>_tNN__s0` (stage search);
 4. tuned: each arm's best trial on ITS OWN validation split, as `tuned_<kind>` at every seed (stage tuned; the
    first seed's cell is the trial's own result, copied). These are the rows the attack tables and the bootstrap
@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from pmp.atomic import write_json
 from pmp.eval.attack_inputs import ModelSpec
 from pmp.eval.attacks import OPTIMIZERS, SCHEDULES, Attack, Budget, Suite
-from pmp.eval.d0_run import D0Settings, d0_path, ensure_d0
+from pmp.eval.d0_run import D0Settings, Reference, d0_path, ensure_d0
 from pmp.eval.durable_spec import check_factors, check_sizes
 from pmp.eval.models import load_tokenizer
 from pmp.eval.search import best_trial, ranked_trials, rename, suggest, trial_attack
@@ -247,15 +247,18 @@ class DurableSweep(Sweep):
 
     # ------------------------------------------------------------------------------------------ D0
     def d0_models(self) -> list[tuple[ModelSpec, object, str]]:
-        """(model, owner secret, whose): every --private model with its own mask or rescale key; the baselines with
-        the first protected model's mask, as a control (is the protected model's curvature any different?). A
-        rescale key has no control: it only fits the weights it scaled."""
+        """(model, owner secret, whose): every --private model with its own mask or rescale key, every model with a
+        --references release (compared with it); the baselines with the first protected model's mask, as a control
+        (is the protected model's curvature any different?). A rescale key has no control: it only fits the weights
+        it scaled."""
         out, first = [], next(iter(self.masks.items()), None)
         for m in self.models:
             if m.name in self.masks:
                 out.append((m, self.masks[m.name], m.name))
             elif m.name in self.keys:
                 out.append((m, self.keys[m.name], m.name))
+            elif m.reference is not None:  # no owner secret: compared with the model it started from
+                out.append((m, Reference(m.reference), m.name))
             elif first is not None and m.role in ("baseline", "matched"):
                 out.append((m, first[1], first[0]))
         return out

@@ -368,6 +368,8 @@ def d0_mask_label(x: dict) -> str:
     """Whose secret a D0 record (or `d0.headline`) was taken with: the model's own, or another's as a control."""
     if x.get("secret") == "rescale key":
         return "its own private rescale key"
+    if x.get("secret") == "reference":
+        return "against its unprotected reference"
     return "its own private mask" if x["mask_from"] == x["model"] else f"the mask of `{x['mask_from']}` (control)"
 
 
@@ -378,6 +380,8 @@ def _d0_lines(diags: list[dict]) -> list[str]:
         own = d0_mask_label(x)
         variants = [v for v in VARIANTS if v in x["updates"][0]]
         owner = ("random mask of the owner's density " + fmt(x["owner_density"], 3) if "random" in variants else
+                 "owner = the same updates of the unprotected reference (every parameter); dense = the release"
+                 if x.get("secret") == "reference" else
                  "owner = the owner's un-scaled model, every parameter trained; dense = the released weights")
         lines += [f"### D0 diagnostic: `{x['model']}` ({own})", "",
                   f"Validation loss before any update {fmt(x['val_loss_before'], 4)}; AdamW, constant learning rate, "

@@ -18,10 +18,10 @@ from pmp.eval import sweep as sweep_module
 from pmp.eval.attack_inputs import resolve_models, resolve_tasks
 from pmp.eval.attacks import Budget, Suite, get_attack
 from pmp.eval.d0 import _hvp_of, _short_run, top_eigenvalue
-from pmp.eval.d0_run import D0Settings, ensure_d0
+from pmp.eval.d0_run import D0Settings, Reference, ensure_d0
 from pmp.eval.durable import DurableSweep
 from pmp.eval.durable_spec import DurableSpec
-from pmp.eval.models import load_tokenizer
+from pmp.eval.models import load_model, load_tokenizer
 from pmp.eval.sweep import Sweep
 from pmp.eval.task_data import prepare_task
 from pmp.protect import protect
@@ -185,11 +185,11 @@ def test_d0_of_a_rescaled_release_compares_the_attacker_with_the_owners_unscaled
     pt = prepare_task(task, load_tokenizer(m.tokenizer_dir), budget, 0)
     path = tmp_path / "d0.json"
     rec, ran = ensure_d0(path, m, task, key, "locked", budget, 0, settings, "sha", lambda: pt)
-    assert ran and rec["secret"] == "rescale key" and rec["owner"] == "prepared" and rec["owner_density"] is None
+    assert ran and rec["secret"] == "rescale key" and rec["owner"] == "rescale key" and rec["owner_density"] is None
     assert all(set(u) == {"lr", "dense", "owner"} for u in rec["updates"])  # no random-mask arm
     assert set(rec["curvature"]) == {"dense", "owner", "batches"}
-    assert "the owner's updates after its own preparation (un-scaling)" in rec["verdict"]
-    assert "released / prepared sharpness ratio" in rec["verdict"]
+    assert "than the owner's updates after un-scaling" in rec["verdict"]
+    assert "released / un-scaled sharpness ratio" in rec["verdict"]
 
     def balanced():
         b = AutoModelForCausalLM.from_pretrained(str(RunDir(dense).final), dtype=torch.float32)
@@ -205,3 +205,49 @@ def test_d0_of_a_rescaled_release_compares_the_attacker_with_the_owners_unscaled
     assert rec["curvature"]["dense"]["eigenvalue"] != pytest.approx(lam, rel=1e-2)  # the scales change the Hessian
     again, ran = ensure_d0(path, m, task, key, "locked", budget, 0, settings, "sha", lambda: pt)
     assert not ran and again == rec
+
+
+def test_d0_of_a_protection_without_a_secret_compares_it_with_its_unprotected_reference(runs, tmp_path):
+    """`--references NAME=RELEASE` (SOPHON, MLAC, SDD have no owner secret): D0's "owner" arm is the same updates
+    of the model the protection started from -- exactly a dense run and a Hessian of that release."""
+    _, dense, pmp_run = runs
+    base = export_release(ExportConfig(run=str(dense), out=str(tmp_path / "base")))
+    prot = export_release(ExportConfig(run=str(pmp_run), out=str(tmp_path / "prot")))  # stands in for a protection
+    lm = tmp_path / "heldout.txt"
+    lm.write_text(generate_text(6000, seed=77))
+    task = resolve_tasks("none", lm_file=str(lm))[0]
+    budget = Budget(steps=2, batch_size=2, max_len=16, max_train=8, max_val=3, max_test=3, eval_every=1)
+    [m] = resolve_models({"prot": str(prot)}, scratch=False, references={"prot": str(base)})
+    assert m.reference == base and m.private is None
+    suite = Suite("d0", (get_attack("probe"),), classification=budget, lm=budget, seeds=1,
+                  durable=DurableSpec(trials=1, data_sizes_lm=(), d0_lrs=(1e-3,), d0_steps=(1, 2))).validate()
+    [(spec, secret, whose)] = DurableSweep([m], [task], suite, tmp_path / "res", progress=False,
+                                          log=lambda *_: None).d0_models()
+    assert (spec.name, secret, whose) == ("prot", Reference(base), "prot")
+    settings = D0Settings(lrs=(1e-3,), steps=(1, 2), hessian_iters=6, hessian_batches=1)
+    pt = prepare_task(task, load_tokenizer(m.tokenizer_dir), budget, 0)
+    rec, ran = ensure_d0(tmp_path / "d0.json", m, task, secret, "prot", budget, 0, settings, "sha", lambda: pt)
+    assert ran and rec["secret"] == "reference" and rec["owner"] == "reference"
+    assert "than the same updates of the unprotected reference" in rec["verdict"]
+
+    def reference():
+        return load_model(base, "lm", 0, 0, pad_id=pt.pad_id)
+
+    want = _short_run(reference, pt, "dense", {}, None, 1e-3, (1, 2), budget.batch_size, 0)
+    assert rec["updates"][0]["owner"] == pytest.approx(want, rel=1e-5)
+    named, hvp = _hvp_of(reference(), pt, budget.batch_size, 0, 1)
+    lam = top_eigenvalue(hvp, [p for _, p in named], iters=6, seed=0)["eigenvalue"]
+    assert rec["curvature"]["owner"]["eigenvalue"] == pytest.approx(lam, rel=1e-4)
+    assert rec["updates"][0]["dense"] != rec["updates"][0]["owner"]  # the attacker's arm trains the protected model
+
+    # bad input: a name that is not a model, a model with both a secret and a reference, another architecture
+    with pytest.raises(ValueError, match=r"--references names \['other'\] that are not in --models"):
+        resolve_models({"prot": str(prot)}, scratch=False, references={"other": str(base)})
+    with pytest.raises(ValueError, match="has both --private and --references"):
+        resolve_models({"pmp": str(prot)}, {"pmp": str(pmp_run)}, scratch=False, references={"pmp": str(base)})
+    wide = tmp_path / "wide"
+    shutil.copytree(base, wide)
+    cfg = json.loads((wide / "config.json").read_text())
+    (wide / "config.json").write_text(json.dumps({**cfg, "hidden_size": cfg["hidden_size"] * 2}))
+    with pytest.raises(ValueError, match="is another architecture than"):
+        resolve_models({"prot": str(prot)}, scratch=False, references={"prot": str(wide)})
