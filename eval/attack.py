@@ -23,9 +23,10 @@ def run_attack(cfg: AttackConfig) -> dict:
     a time (`pmp.dir_lock`)."""
     cfg.validate()
     suite = get_suite(cfg.suite)
-    if suite.durable is None and (cfg.trials is not None or cfg.budget_factors or cfg.data_sizes):
-        raise ValueError(f"trials, budget_factors and data_sizes set a tuning search, and suite {suite.name!r} has "
-                         "none: use --suite durable (or a suite file with a durable section)")
+    if suite.durable is None and (cfg.trials is not None or cfg.budget_factors or cfg.data_sizes or
+                                  cfg.general_file):
+        raise ValueError(f"trials, budget_factors, data_sizes and general_file set up a tuning search, and suite "
+                         f"{suite.name!r} has none: use --suite durable (or a suite file with a durable section)")
     models = resolve_models(cfg.models, cfg.private, cfg.baseline, scratch=cfg.scratch, recovered=cfg.recovered,
                             matched=cfg.matched, references=cfg.references)
     tasks = resolve_tasks(cfg.tasks, cfg.cache_dir, cfg.task_file, cfg.text_column, cfg.label_column, cfg.lm_file,
@@ -38,7 +39,7 @@ def run_attack(cfg: AttackConfig) -> dict:
     kw = dict(seeds=cfg.seeds, mask_density=cfg.mask_density, heal_file=cfg.heal_file, cache_dir=cfg.cache_dir)
     if suite.durable is not None:  # checks its own inputs (data sizes, optimizers, heal text) before writing
         sweep = DurableSweep(models, tasks, suite, cfg.out, trials=cfg.trials, budget_factors=cfg.budget_factors,
-                             data_sizes=cfg.data_sizes, **kw)
+                             data_sizes=cfg.data_sizes, general_file=cfg.general_file, **kw)
     else:
         sweep = Sweep(models, tasks, suite, cfg.out, **kw)
     with exclusive(cfg.out, "results directory"):

@@ -39,6 +39,8 @@ class AttackSettings:
                                 "blocks); each must fit every task (empty = the suite's own)", default_factory=list)
     heal_file: str = doc("generic text for heal-then-fine-tune attacks ('' = the public default corpus of the data "
                          "cache)", "")
+    general_file: str = doc("held-out general text on which a durable suite measures general ability after each "
+                            "attacker arm's best attack ('' = the held-out split of the public default corpus)", "")
 
     def validate(self) -> AttackSettings:
         check(self.seeds >= 0, "seeds must be >= 1 (or 0 for the suite's own), got {}", self.seeds)

@@ -17,7 +17,10 @@ authorized (mask-aware) fine-tuning. Per task, in this order (so a partial run h
    intervals use;
 5. budget curves: each arm's `curve_top` best trials, and its best at lr / factor, at `factor` x the steps (and
    x the evaluation interval), first seed (stage curve, `curve_<kind>_x<factor>_<c0|lr>`);
-6. data curves: each arm's best trial at other attacker data sizes, first seed (stage data, `data_<kind>_n<N>`).
+6. data curves: each arm's best trial at other attacker data sizes, first seed (stage data, `data_<kind>_n<N>`);
+7. general ability (LM tasks, `durable.general`): each attacker arm's best trial re-run at the first seed, then the
+   attacked model's perplexity on general held-out text beside the release's own (stage general,
+   `general_<kind>`; eval/general_ability.py) -- SDD's evaluation: does the attack cost general ability?
 
 Every trial and re-run is a cell JSON, skipped when re-run with the same inputs: the search resumes trial by
 trial (a trial's configuration depends only on the trials before it; eval/search.py).
@@ -44,7 +47,8 @@ from pmp.eval.attack_inputs import ModelSpec
 from pmp.eval.attacks import OPTIMIZERS, SCHEDULES, Attack, Budget, Suite
 from pmp.eval.d0_run import D0Settings, Reference, d0_path, ensure_d0
 from pmp.eval.durable_spec import check_factors, check_sizes
-from pmp.eval.models import load_tokenizer
+from pmp.eval.general_ability import GENERAL_KINDS, GENERAL_PREFIX, GeneralText, perplexity
+from pmp.eval.models import load_model, load_tokenizer
 from pmp.eval.search import best_trial, ranked_trials, rename, suggest, trial_attack
 from pmp.eval.sweep import Sweep, cell_id, read_cell
 from pmp.eval.task_data import DIRECTION, prepare_task, validation_size
@@ -59,7 +63,8 @@ def _factor_tag(f: float) -> str:
 class DurableSweep(Sweep):
     def __init__(self, models: list[ModelSpec], tasks: list, suite: Suite, out, seeds: int = 0,
                  mask_density: float = 0.0, progress: bool = True, log=print, heal_file: str = "",
-                 cache_dir: str = "", trials: int | None = None, budget_factors=(), data_sizes=()):
+                 cache_dir: str = "", trials: int | None = None, budget_factors=(), data_sizes=(),
+                 general_file: str = ""):
         if suite.durable is None:
             raise ValueError(f"suite {suite.name!r} has no durable section (a tuning search); use Sweep")
         over = {}
@@ -76,11 +81,15 @@ class DurableSweep(Sweep):
         super().__init__(models, tasks, suite, out, seeds=seeds, mask_density=mask_density, progress=progress,
                          log=log, heal_file=heal_file, cache_dir=cache_dir)
         self.spec, self.seed0 = spec, self.seeds[0]
+        self.general_text = GeneralText(general_file, cache_dir)
+        self._general_blocks: dict[str, object] = {}
         self._check_inputs()
 
     # ------------------------------------------------------------------------------------------ inputs
     def _check_inputs(self) -> None:
         """Everything that would fail later fails here, before anything is written."""
+        if self.spec.general:
+            self.general_text.check()
         if "soap" in self.spec.optimizers and importlib.util.find_spec("pytorch_optimizer") is None:
             raise ValueError("the durable search's soap optimizer needs the `pytorch-optimizer` package (pip install "
                              "pytorch-optimizer), or leave soap out of durable.optimizers")
@@ -127,7 +136,8 @@ class DurableSweep(Sweep):
         """Cells this sweep will hold (for the progress bar)."""
         cands = self.spec.curve_top + self.spec.curve_lr_scaled
         per_arm = self.spec.trials + len(self.seeds) + len(self._extra_factors()) * cands
-        return len(self.plan()) + sum(len(self.arms()) * (per_arm + len(self._data_sizes(t))) for t in self.tasks)
+        return len(self.plan()) + sum(len(self.arms()) * (per_arm + len(self._data_sizes(t))) +
+                                      len(self._general_arms(t)) for t in self.tasks)
 
     # ------------------------------------------------------------------------------------------ run
     def run(self) -> dict:
@@ -149,6 +159,7 @@ class DurableSweep(Sweep):
             self.tuned(task, trials)
             self.curves(task, trials)
             self.data_curves(task, trials)
+            self.general(task, trials)
         self._bar.close()
         wall = time.perf_counter() - t_start
         self.log(f"[attack] durable: {self._count[True]} cells run, {self._count[False]} already done, {d0} D0 "
@@ -244,6 +255,44 @@ class DurableSweep(Sweep):
                                                       "from_trial": best["durable"]["trial"],
                                                       "params": best["durable"]["params"]}}
                 self._cell(self._model(name), task, a, self.seed0, budget=budget, extra=extra)
+
+    def _general_arms(self, task) -> list[tuple[ModelSpec, str]]:
+        """The arms whose attacked model's general ability is measured: every attacker arm but from scratch's, on
+        tasks whose fine-tuned model is still a causal LM, when `durable.general` is on and text is available."""
+        if not self.spec.general or task.kind not in GENERAL_KINDS or self.general_text.missing():
+            return []
+        return [(m, kind) for m, kind in self.arms() if kind == "full" and m.role != "scratch"]
+
+    def general(self, task, trials: dict) -> None:
+        """Each attacker arm's best trial again at the first seed, measuring general ability after it."""
+        arms = self._general_arms(task)
+        if not arms and self.spec.general and task.kind in GENERAL_KINDS:
+            self.log(f"[attack] general ability after the attack on {task.name}: not measured "
+                     f"({self.general_text.missing()})")
+        direction = DIRECTION[task.kind]
+        for m, kind in arms:
+            best = best_trial(trials[m.name, kind], direction)
+            a = trial_attack(f"{GENERAL_PREFIX}{kind}", kind, best["durable"]["params"])
+            extra = {"stage": "general", "durable": {"arm": kind, "from_trial": best["durable"]["trial"],
+                                                     "params": best["durable"]["params"]}}
+            self._cell(m, task, a, self.seed0, extra=extra)
+
+    def extra_inputs(self, attack: Attack) -> dict:
+        return {"general_text": self.general_text.digest()} if attack.name.startswith(GENERAL_PREFIX) else {}
+
+    def after_finetune(self, m: ModelSpec, task, attack: Attack, model, budget: Budget) -> dict | None:
+        """A `general_*` cell: general perplexity of the release and of the attacked model (its final step)."""
+        if not attack.name.startswith(GENERAL_PREFIX):
+            return None
+        tok = load_tokenizer(m.tokenizer_dir)
+        key = f"{m.tokenizer_dir}|{budget.max_len}"
+        if key not in self._general_blocks:
+            self._general_blocks[key] = self.general_text.blocks(tok, budget.max_len, tok.eos_token_id)
+        blocks = self._general_blocks[key]
+        release = load_model(m.path, "lm", 0, self.seed0, config_from=m.config_from, pad_id=tok.eos_token_id)
+        return {"general": {"text": self.general_text.source, "blocks": len(blocks), "block_len": budget.max_len,
+                            "ppl_release": perplexity(release, blocks), "ppl_after_attack": perplexity(model, blocks),
+                            "at": "the attack's final step"}}
 
     # ------------------------------------------------------------------------------------------ D0
     def d0_models(self) -> list[tuple[ModelSpec, object, str]]:

@@ -39,6 +39,7 @@ class DurableSpec:
     data_sizes_lm: tuple[int, ...] = (160, 640, 1600)  # attacker train blocks of the data curves (LM tasks)
     data_sizes_classification: tuple[int, ...] = (240, 960, 2400)  # attacker train examples (classification)
     d0: bool = True  # run the D0 diagnostic (eval/d0.py) on every model with a mask
+    general: bool = True  # general ability after each attacker arm's best attack (LM tasks; eval/general_ability.py)
     d0_lrs: tuple[float, ...] = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
     d0_steps: tuple[int, ...] = (1, 20)
     hessian_iters: int = 20  # power-iteration steps per top-eigenvalue estimate

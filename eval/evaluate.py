@@ -31,7 +31,7 @@ def evaluate(model, task: PreparedTask, split: str) -> dict:
     model.eval()
     data = getattr(task, split)
     if task.kind == "lm":
-        out = _evaluate_lm(model, data)
+        out = evaluate_lm_blocks(model, data["blocks"])
     elif task.kind == "lm_classification":
         out = evaluate_verbalised(model, data, task.targets, task.pad_id)
     else:
@@ -40,10 +40,11 @@ def evaluate(model, task: PreparedTask, split: str) -> dict:
     return out
 
 
-def _evaluate_lm(model, data: dict) -> dict:
+def evaluate_lm_blocks(model, blocks_NT) -> dict:
+    """{perplexity, loss} of a causal LM on token blocks (token-weighted; the model's mode is the caller's)."""
     total, tokens = 0.0, 0
-    for i in range(0, len(data["blocks"]), EVAL_BATCH // 4):
-        b = data["blocks"][i:i + EVAL_BATCH // 4]
+    for i in range(0, len(blocks_NT), EVAL_BATCH // 4):
+        b = blocks_NT[i:i + EVAL_BATCH // 4]
         n_tok = b[:, 1:].numel()
         total += float(model(input_ids=b, labels=b).loss) * n_tok
         tokens += n_tok

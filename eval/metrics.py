@@ -134,7 +134,7 @@ def load_cells(results_dir: str | Path) -> list[dict]:
     return out
 
 
-DURABLE_STAGES = ("search", "curve", "data")  # exploration cells of the durable suite (see the module doc)
+DURABLE_STAGES = ("search", "curve", "data", "general")  # exploration cells of the durable suite (see the module doc)
 
 
 def classic_cells(cells: list[dict]) -> list[dict]:

@@ -48,6 +48,7 @@ def durable_sections(d, out: Path, seed: str = "") -> list[str]:
             lines += _tuned_table(d, t, dt, spec) + _fixed_table(d, t, spec)
             lines += _curves(d, t, dt, spec, out, re.sub(r"[^A-Za-z0-9_.-]", "_", f"_{seed}") if seed else "")
             lines += _statement(d, t, dt, spec)
+            lines += _general_table(d, t, dt)
         mine = [x for x in diags if x["task"] == t]
         lines += _d0_lines(mine) if mine else ["D0 diagnostic: not run for this task (it needs the owner's mask or "
                                                "rescale key: `pmp attack --private NAME=RUN`).", ""]
@@ -361,6 +362,32 @@ def _statement(d, t: str, cells: list[dict], spec: DurableSpec) -> list[str]:
         if own is not None:
             lines.append(f"  Owner's authorized fine-tuning at the same budget: gain {mean_std(own['gain'])}, "
                          f"recovery vs `{bb['attack']}` of `{d.base}` {ratio_ci(_boot(spec, own, bb))}.")
+    return lines + [""]
+
+
+def _general_table(d, t: str, cells: list[dict]) -> list[str]:
+    """General ability after each attacker arm's best attack (stage general): SDD's evaluation on our tasks."""
+    gen = sorted((c for c in cells if c.get("stage") == "general" and "general" in c),
+                 key=lambda c: (c["model"] != d.base, c["model"]))
+    if not gen:
+        return []
+    g0 = gen[0]["general"]
+    lines = ["### General ability after the attack", "",
+             f"Each attacker arm's best configuration re-run at the first seed; perplexity on {g0['text']} "
+             f"({g0['blocks']} blocks of {g0['block_len']} tokens) of the release and of the attacked model (its final "
+             "step). **cost** = ln ppl(after) - ln ppl(release), nats/token; a protection of SDD's kind shows as a "
+             "cost that the baseline's attack does not have.", ""]
+    lines += table_head(["model", "configuration", "task ppl after", "general ppl: release -> after attack", "cost",
+                         "cost - baseline's"])
+    base = next((c["general"] for c in gen if c["model"] == d.base), None)
+    for c in gen:
+        g = c["general"]
+        cost = math.log(g["ppl_after_attack"]) - math.log(g["ppl_release"])
+        rel = (cost - (math.log(base["ppl_after_attack"]) - math.log(base["ppl_release"]))
+               if base is not None else None)
+        lines.append(row([f"`{c['model']}`", _config(c["durable"]["params"]), fmt(c["after_val_selected"]),
+                          f"{fmt(g['ppl_release'], 2)} -> {fmt(g['ppl_after_attack'], 2)}", f"{cost:+.3f}",
+                          "reference" if c["model"] == d.base else (f"{rel:+.3f}" if rel is not None else "n/a")]))
     return lines + [""]
 
 

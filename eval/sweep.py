@@ -139,9 +139,19 @@ class Sweep:
                   "model": self._model_sha[m.name], "mask": mask, "density": dens}
         if attack.kind == "heal_then_ft":  # only then: other cells keep the digests they were written with
             inputs["heal_text"] = self.heal_text.digest()
+        inputs.update(self.extra_inputs(attack))
         if task.kind == "lm_classification":  # the template and verbaliser define the task as much as its data
             inputs["formulation"] = formulation_record(task)
         return config_digest(inputs)
+
+    def extra_inputs(self, attack: Attack) -> dict:
+        """More inputs a subclass's cells depend on (none here; only the cells that have them get them, so every
+        other cell keeps the digest it was written with)."""
+        return {}
+
+    def after_finetune(self, m: ModelSpec, task, attack: Attack, model, budget: Budget) -> dict | None:
+        """More measurements of the fine-tuned model, merged into the cell (none here)."""
+        return None
 
     # ------------------------------------------------------------------------------------------ run
     def run(self) -> dict:
@@ -269,6 +279,7 @@ class Sweep:
         model, adaptive = self._adapt(m, attack, model, pt, seed)
         layouts, mask_info = self._mask_of(m, attack, model, task, seed)
         res = finetune(model, pt, attack, budget, seed, mask_layouts=layouts)
+        after = self.after_finetune(m, task, attack, model, budget)
         metric = res["metric"]
         before = (probe or {}).get("after_val_selected") if attack.kind != "probe" else None
         rec = {
@@ -295,6 +306,8 @@ class Sweep:
             rec["formulation"] = pt.formulation
         if adaptive is not None:
             rec["adaptive"] = adaptive
+        if after is not None:
+            rec.update(after)
         if extra is not None:  # a durable stage: the budget is a cap the configuration's own steps stay within
             rec["budget"]["steps_cap"] = budget.steps
             rec.update(extra)

@@ -28,6 +28,7 @@ from pmp.eval.d0_run import D0Settings, d0_inputs_sha
 from pmp.eval.durable import DurableSweep
 from pmp.eval.durable_spec import DurableSpec
 from pmp.eval.finetune import finetune, make_optimizer, random_layouts
+from pmp.eval.general_ability import perplexity
 from pmp.eval.models import load_model, load_tokenizer
 from pmp.eval.report import write_report
 from pmp.eval.search import best_trial
@@ -39,7 +40,8 @@ TINY_LM = Budget(steps=4, batch_size=2, max_len=16, max_train=12, max_val=3, max
 TINY_CLS = Budget(steps=4, batch_size=4, max_len=16, max_train=24, max_val=8, max_test=12, eval_every=2)
 TINY_SPEC = DurableSpec(trials=3, sampler="tpe", startup_trials=2, budget_factors=(1.0, 2.0), curve_top=1,
                         data_sizes_lm=(6, 12), data_sizes_classification=(12,), d0_lrs=(1e-3, 1e-2), d0_steps=(1, 2),
-                        hessian_iters=3, hessian_batches=1, bootstrap=200)
+                        hessian_iters=3, hessian_batches=1, bootstrap=200,
+                        general=False)  # on only where a test gives the general text: tests never read the data cache
 QUIET = dict(progress=False, log=lambda *_: None)
 
 
@@ -85,7 +87,8 @@ def cells_of(out: Path) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def durable_run(env, tmp_path_factory):
     out = tmp_path_factory.mktemp("durable_results")
-    sweep = DurableSweep(models_of(env), lm_tasks(env), tiny_durable_suite(), out, **QUIET)
+    sweep = DurableSweep(models_of(env), lm_tasks(env), tiny_durable_suite(general=True), out,
+                         general_file=str(env.heal), **QUIET)
     return out, sweep.run(), sweep
 
 
@@ -123,13 +126,37 @@ def test_every_arm_gets_the_same_budget_and_its_own_validation_best(durable_run)
     assert summary["run"] == len(cells) and summary["diagnostics_run"] == 2
 
 
+def test_general_ability_after_each_attacker_arms_best_attack(env, durable_run):
+    """SDD's evaluation: each attacker arm's best configuration re-run at the first seed (the same fine-tune as its
+    tuned cell), then the general perplexity of the release and of the attacked model; not for from scratch (no
+    release) nor the owner's arm, and outside the attack tables."""
+    out, _, sweep = durable_run
+    cells = cells_of(out)
+    gen = {c["model"]: c for c in cells.values() if c.get("stage") == "general"}
+    assert set(gen) == {"pmp", "dense"} and all(c["attack_kind"] == "full" for c in gen.values())
+    blocks = sweep.general_text.blocks(load_tokenizer(env.dense / "final"), TINY_LM.max_len,
+                                       load_tokenizer(env.dense / "final").eos_token_id)
+    for name, c in gen.items():
+        tuned = cells[f"{name}__heldout__tuned_full__s0"]
+        assert c["durable"]["params"] == tuned["durable"]["params"]
+        assert c["after_val_selected"] == pytest.approx(tuned["after_val_selected"], rel=1e-6)  # the same fine-tune
+        g = c["general"]
+        assert g["text"] == f"file {env.heal}" and g["blocks"] == len(blocks) > 0
+        release = load_model((env.pmp if name == "pmp" else env.dense) / "final", "lm", 0, seed=0)
+        assert g["ppl_release"] == pytest.approx(perplexity(release, blocks), rel=1e-6)
+        assert g["ppl_after_attack"] != pytest.approx(g["ppl_release"], rel=1e-6)  # the attack moved the model
+    assert not any(c.get("stage") == "general" for c in M.classic_cells(list(cells.values())))
+
+
 def test_durable_run_resumes_trial_by_trial(env, durable_run):
     out, first, _ = durable_run
-    again = DurableSweep(models_of(env), lm_tasks(env), tiny_durable_suite(), out, **QUIET).run()
+    again = DurableSweep(models_of(env), lm_tasks(env), tiny_durable_suite(general=True), out,
+                         general_file=str(env.heal), **QUIET).run()
     assert again["run"] == 0 and again["skipped"] == first["run"] and again["diagnostics_run"] == 0
     victim = out / "cells" / "dense__heldout__search_full_t01__s0.json"
     victim.unlink()  # killed during trial 1: resuming re-runs it, and trial 2 (whose TPE suggestion depends on
-    again = DurableSweep(models_of(env), lm_tasks(env), tiny_durable_suite(), out, **QUIET).run()  # 0..1) is kept
+    again = DurableSweep(models_of(env), lm_tasks(env), tiny_durable_suite(general=True), out,
+                         general_file=str(env.heal), **QUIET).run()  # 0..1) is kept
     assert again["run"] == 1 and victim.is_file()
 
 
@@ -542,10 +569,12 @@ def _attack_cfg(env, tmp_path, **kw) -> AttackConfig:
     (dict(data_sizes=[0]), "data_sizes must be >= 1"),
     (dict(data_sizes=[100_000]), "data size 100000 is larger than task heldout holds: \\d+ training blocks"),
     (dict(suite="quick", trials=24), "suite 'quick' has none"),
+    (dict(suite="quick", general_file="/x.txt"), "suite 'quick' has none"),
+    (dict(general_file="/nonexistent/general.txt"), "--general-file /nonexistent/general.txt does not exist"),
 ])
 def test_bad_budgets_are_value_errors_and_nothing_is_written(env, tmp_path, bad, match):
     bad = {"suite": str(_durable_file(tmp_path)), **bad}
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
         run_attack(_attack_cfg(env, tmp_path, **bad).validate())
     assert not (tmp_path / "res").exists()
 
@@ -587,8 +616,9 @@ def test_cli_durable_flags(env, tmp_path, capsys):
             "--suite", str(suite), "--no-scratch", "--out", str(tmp_path / "res")]
     assert main([*base, "--trials", "0"]) == 2
     assert "trials must be >= 1" in capsys.readouterr().err and not (tmp_path / "res").exists()
-    assert main([*base, "--trials", "1", "--budget-factors", "1", "2", "--data-sizes", "6"]) == 0
+    assert main([*base, "--trials", "1", "--budget-factors", "1", "2", "--data-sizes", "6", "--general-file",
+                 str(env.heal)]) == 0
     cells = cells_of(tmp_path / "res")
     assert sorted(c["attack"] for c in cells.values() if c.get("stage")) == [
-        "curve_full_x2_c0", "curve_full_x2_lr", "data_full_n6", "search_full_t00", "tuned_full"]
+        "curve_full_x2_c0", "curve_full_x2_lr", "data_full_n6", "general_full", "search_full_t00", "tuned_full"]
     assert json.loads((tmp_path / "res" / "sweep.json").read_text())["suite"]["durable"]["trials"] == 1

@@ -310,7 +310,7 @@ seeds: 2
 attacks: [probe]
 lm: {steps: 4, batch_size: 2, max_len: 16, max_train: 12, max_val: 3, max_test: 3, eval_every: 2}
 durable: {trials: 2, sampler: random, budget_factors: [1], curve_lr_scaled: false, data_sizes_lm: [], d0: false,
-          optimizers: [adamw], bootstrap: 100}
+          general: false, optimizers: [adamw], bootstrap: 100}
 """
 
 
