@@ -14,60 +14,35 @@ Shapes: N blocks, T tokens.
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 import numpy as np
 import torch
 
 from pmp.config import DataConfig
-from pmp.data.cache import is_prepared
 from pmp.data.corpus import load_documents
-from pmp.data.files import chunk_text
 from pmp.data.text_blocks import text_blocks
 from pmp.eval.attacks import Attack
+from pmp.eval.text_source import TextSource
 
 HEAL_CORPUS_CHARS = 4_000_000  # of the public corpus, interleaved over its books: > 1 M tokens, more than any heal
 
 
-class HealText:
-    """Generic text for healing: a file of the attacker's, or the public default corpus of the data cache. Loaded
-    lazily; `check()` raises at input time when neither is available."""
+def _public_heal_docs(cache_dir: str) -> list[str]:
+    return load_documents(DataConfig(corpus="default", cache_dir=cache_dir, max_chars=HEAL_CORPUS_CHARS))
+
+
+class HealText(TextSource):
+    """Generic text for healing: a file of the attacker's, or the public default corpus of the data cache."""
 
     def __init__(self, path: str = "", cache_dir: str = ""):
-        self.path, self.cache_dir = path, cache_dir
-        self._texts: list[str] | None = None
-
-    @property
-    def source(self) -> str:
-        return f"file {self.path}" if self.path else "the public default corpus (data cache)"
+        super().__init__(path, cache_dir, "--heal-file", "the public default corpus (data cache)", "public-corpus",
+                         _public_heal_docs)
 
     def check(self) -> None:
-        if self.path:
-            p = Path(self.path)
-            if not p.is_file():
-                raise FileNotFoundError(f"--heal-file {p} does not exist")
-            if not p.read_text("utf-8", errors="replace").strip():
-                raise ValueError(f"--heal-file {p} holds no text")
-        elif not is_prepared(self.cache_dir):
+        """At input time: a given file must hold text, else the public corpus must be prepared."""
+        self.check_file()
+        if self.missing():
             raise ValueError("heal-then-fine-tune attacks need generic text: pass --heal-file FILE (the attacker's own "
                              "text) or prepare the data cache (`pmp data prepare`) for the public corpus")
-
-    def digest(self) -> str:
-        """Identifies the text in a cell's inputs: the file's sha256, or 'public-corpus'."""
-        if not self.path:
-            return "public-corpus"
-        return hashlib.sha256(Path(self.path).read_bytes()).hexdigest()[:16]
-
-    def texts(self) -> list[str]:
-        if self._texts is None:
-            if self.path:
-                self._texts = chunk_text(Path(self.path).read_text("utf-8", errors="replace"), 2_000)
-            else:
-                docs = load_documents(DataConfig(corpus="default", cache_dir=self.cache_dir,
-                                                 max_chars=HEAL_CORPUS_CHARS))
-                self._texts = [c for d in docs for c in chunk_text(str(d), 2_000)]
-        return self._texts
 
 
 def heal_blocks(texts: list[str], tokenizer, seq_len: int, n_blocks: int, seed: int) -> torch.Tensor:

@@ -89,7 +89,7 @@ class DurableSweep(Sweep):
     def _check_inputs(self) -> None:
         """Everything that would fail later fails here, before anything is written."""
         if self.spec.general:
-            self.general_text.check()
+            self.general_text.check_file()
         if "soap" in self.spec.optimizers and importlib.util.find_spec("pytorch_optimizer") is None:
             raise ValueError("the durable search's soap optimizer needs the `pytorch-optimizer` package (pip install "
                              "pytorch-optimizer), or leave soap out of durable.optimizers")
