@@ -273,14 +273,14 @@ def summarize(d0: dict) -> dict:
 def headline(rec: dict) -> dict:
     """What a one-row summary of a D0 record shows: at the attacker's best learning rate (lowest unmasked loss after
     the most steps), the unmasked ("dense") and the owner's masked validation loss, their difference Delta_c, the
-    dense / owner sharpness ratio, and the verdict."""
+    dense / owner sharpness ratio, and the verdict (today's rule on the recorded numbers)."""
     s = rec["summary"]
     last = str(s["steps"])
     at = next(u for u in rec["updates"] if u["lr"] == s["attacker_lr"])
     return {"model": rec["model"], "task": rec["task"], "mask_from": rec["mask_from"], "steps": s["steps"],
             "attacker_lr": s["attacker_lr"], "unmasked_loss": at["dense"][last], "owner_loss": at["owner"][last],
             "delta_c": s["delta_c_at_attacker_lr"], "sharpness_ratio": s["sharpness_ratio"],
-            "verdict": rec["verdict"]}
+            "verdict": verdict(s), "secret": rec.get("secret", "mask")}
 
 
 def verdict(s: dict) -> str:
@@ -294,13 +294,25 @@ def verdict(s: dict) -> str:
         curv = "the owner-restricted sharpness is zero or undefined (no curvature comparison)"
     else:
         curv = f"the {ratio_name} sharpness ratio is {r:.2f}"
-    if dc <= 0 and (r is None or r < CURVATURE_BARRIER):
+    each = s.get("delta_c_each_best")
+    lrs = s.get("best_lr") or {}
+    barrier = r is not None and math.isfinite(r) and r >= CURVATURE_BARRIER
+    if dc <= 0 and each is not None and each > 0:
+        # as good at the same rate, but the owner's own best rate goes further: the attacker is held to a lower rate
+        own, att = lrs.get("owner", float("nan")), lrs.get("dense", float("nan"))
+        held = (f"level at the same rate, the owner's best learning rate ({own:g}) still ends {each:.4f} lower than "
+                f"the attacker's best ({att:g}): the attacker is held to a lower rate")
+        cause = (f"{held}, and the loss is {r:.0f}x sharper {where} -- a curvature barrier; more steps at the lower "
+                 "rate are expected to undo it (see the budget curves)" if barrier else
+                 f"{held} without a curvature cause -- a learning-rate effect, expected to vanish at a larger budget "
+                 "(see the budget curves)")
+    elif dc <= 0 and not barrier:
         cause = ("no mechanism: neither a first-order nor a curvature barrier -- any gap in the attack tables is "
                  "budget, not protection")
     elif dc <= 0:
         cause = (f"the loss is sharper {where}, but the attacker's updates already win at its best learning rate: "
                  "the curvature barrier does not bind")
-    elif r is not None and math.isfinite(r) and r >= CURVATURE_BARRIER:
+    elif barrier:
         cause = (f"a curvature barrier: the attacker's updates are held back by sharpness {where}; an attacker with "
                  f"~{r:.0f}x the steps at ~1/{r:.0f} the learning rate is expected to undo it (see the budget "
                  "curves)")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pmp.eval import metrics as M
 from pmp.eval.d0 import VARIANTS
+from pmp.eval.d0 import verdict as d0_verdict
 from pmp.eval.durable_spec import DurableSpec
 from pmp.eval.report_format import fmt, mean_std, ratio_ci, row, table_head
 from pmp.eval.report_plots import write_budget_plot
@@ -423,7 +424,7 @@ def _d0_lines(diags: list[dict]) -> list[str]:
                   f"{cur.get('batches')} batch(es)): {eig}; dense / owner = {fmt(s['sharpness_ratio'], 2)}. Delta_c "
                   f"at the attacker's best lr = {fmt(s['delta_c_at_attacker_lr'], 4)}; between each variant's own "
                   f"best = {fmt(s['delta_c_each_best'], 4)}; owner - random = "
-                  f"{fmt(s.get('owner_minus_random_each_best'), 4)}.", "", f"**Verdict:** {x['verdict']}", ""]
+                  f"{fmt(s.get('owner_minus_random_each_best'), 4)}.", "", f"**Verdict:** {d0_verdict(s)}", ""]
     return lines
 
 
@@ -570,5 +571,5 @@ def _pooled_d0(d, t: str, diags: dict[str, list[dict]]) -> list[str]:
     for n, x in sorted(rows, key=lambda r: (r[1].get("mask_from") != r[1].get("model"), r[1].get("model", ""))):
         s = x["summary"]
         lines.append(row([f"`{x['model']}` ({d0_mask_label(x)})", f"`{n}`", fmt(s.get("delta_c_at_attacker_lr"), 4),
-                          fmt(s.get("sharpness_ratio"), 2), x.get("verdict", "")]))
+                          fmt(s.get("sharpness_ratio"), 2), d0_verdict(s)]))
     return lines + [""]

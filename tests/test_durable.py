@@ -23,7 +23,7 @@ from pmp.eval.attack import run_attack
 from pmp.eval.attack_inputs import resolve_models, resolve_tasks
 from pmp.eval.attacks import ATTACKS, Attack, Budget, Suite, config_digest, get_attack, get_suite, load_suite_file
 from pmp.eval.config import AttackConfig, ReportConfig
-from pmp.eval.d0 import loss_hvp, top_eigenvalue
+from pmp.eval.d0 import loss_hvp, top_eigenvalue, verdict
 from pmp.eval.d0_run import D0Settings, d0_inputs_sha
 from pmp.eval.durable import DurableSweep
 from pmp.eval.durable_spec import DurableSpec
@@ -516,6 +516,19 @@ def test_top_eigenvalue_matches_an_explicit_hessian_dense_and_restricted():
     ev = torch.linalg.eigvalsh(H)
     assert few["iterations"] == 8 and float(ev.min()) - 1e-9 <= few["eigenvalue"] <= float(ev.max()) + 1e-9
     assert few["eigenvalue"] == pytest.approx(float(ev.max()), rel=0.05)
+
+
+@pytest.mark.parametrize("ratio, cause", [(132.0, "132x sharper off the mask -- a curvature barrier"),
+                                          (1.5, "without a curvature cause -- a learning-rate effect")])
+def test_d0_verdict_sees_an_owner_held_back_at_the_same_rate_but_ahead_at_its_own(ratio, cause):
+    """Level at the attacker's best rate (Delta_c <= 0) is not the whole story: when the owner's own best rate ends
+    lower, the attacker is held to a lower rate, and the sharpness ratio says whether curvature is why."""
+    s = {"steps": 20, "attacker_lr": 3e-4, "delta_c_at_attacker_lr": -0.009, "delta_c_each_best": 0.2,
+         "best_lr": {"dense": 3e-4, "owner": 1e-3}, "sharpness_ratio": ratio, "owner": "mask"}
+    v = verdict(s)
+    assert "the owner's best learning rate (0.001) still ends 0.2000 lower than the attacker's best (0.0003)" in v
+    assert cause in v and "no mechanism" not in v
+    assert "no mechanism" in verdict({**s, "delta_c_each_best": -0.01, "sharpness_ratio": 1.5})
 
 
 def test_d0_record_names_the_cause(durable_run):
