@@ -47,7 +47,7 @@ from pmp.eval.attack_inputs import ModelSpec
 from pmp.eval.attacks import OPTIMIZERS, SCHEDULES, Attack, Budget, Suite
 from pmp.eval.d0_run import D0Settings, Reference, d0_path, ensure_d0
 from pmp.eval.durable_spec import check_factors, check_sizes
-from pmp.eval.general_ability import GENERAL_KINDS, GENERAL_PREFIX, GeneralText, perplexity
+from pmp.eval.general_ability import GENERAL_BLOCKS, GENERAL_KINDS, GENERAL_PREFIX, GeneralText, perplexity
 from pmp.eval.models import load_model, load_tokenizer
 from pmp.eval.search import best_trial, ranked_trials, rename, suggest, trial_attack
 from pmp.eval.sweep import Sweep, cell_id, read_cell
@@ -281,7 +281,8 @@ class DurableSweep(Sweep):
         return {"general_text": self.general_text.digest()} if attack.name.startswith(GENERAL_PREFIX) else {}
 
     def after_finetune(self, m: ModelSpec, task, attack: Attack, model, budget: Budget) -> dict | None:
-        """A `general_*` cell: general perplexity of the release and of the attacked model (its final step)."""
+        """A `general_*` cell: perplexity of the release and of the attacked model (its final step) on the general
+        text and on the test blocks of the sweep's other perplexity tasks (collateral on the other domains)."""
         if not attack.name.startswith(GENERAL_PREFIX):
             return None
         tok = load_tokenizer(m.tokenizer_dir)
@@ -290,9 +291,20 @@ class DurableSweep(Sweep):
             self._general_blocks[key] = self.general_text.blocks(tok, budget.max_len, tok.eos_token_id)
         blocks = self._general_blocks[key]
         release = load_model(m.path, "lm", 0, self.seed0, config_from=m.config_from, pad_id=tok.eos_token_id)
+        others = {}
+        for t in self.tasks:  # collateral: the sweep's other perplexity tasks, on their own test blocks
+            if t is task or t.kind != "lm":
+                continue
+            key = f"{m.tokenizer_dir}|{t.name}"
+            if key not in self._general_blocks:
+                lm_budget = self.suite.budget("lm")
+                self._general_blocks[key] = prepare_task(t, tok, lm_budget, self.seed0).test["blocks"][:GENERAL_BLOCKS]
+            b = self._general_blocks[key]
+            others[t.name] = {"blocks": len(b), "ppl_release": perplexity(release, b),
+                              "ppl_after_attack": perplexity(model, b)}
         return {"general": {"text": self.general_text.source, "blocks": len(blocks), "block_len": budget.max_len,
                             "ppl_release": perplexity(release, blocks), "ppl_after_attack": perplexity(model, blocks),
-                            "at": "the attack's final step"}}
+                            "other_tasks": others, "at": "the attack's final step"}}
 
     # ------------------------------------------------------------------------------------------ D0
     def d0_models(self) -> list[tuple[ModelSpec, object, str]]:

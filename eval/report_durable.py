@@ -378,18 +378,27 @@ def _general_table(d, t: str, cells: list[dict]) -> list[str]:
              f"({g0['blocks']} blocks of {g0['block_len']} tokens) of the release and of the attacked model (its final "
              "step). **cost** = ln ppl(after) - ln ppl(release), nats/token; a protection of SDD's kind shows as a "
              "cost that the baseline's attack does not have.", ""]
+    others = sorted({t for c in gen for t in c["general"].get("other_tasks", {})})
     lines += table_head(["model", "configuration", "task ppl after", "general ppl: release -> after attack", "cost",
-                         "cost - baseline's"])
+                         "cost - baseline's", *(f"`{t}` ppl: release -> after (cost)" for t in others)])
     base = next((c["general"] for c in gen if c["model"] == d.base), None)
     for c in gen:
         g = c["general"]
-        cost = math.log(g["ppl_after_attack"]) - math.log(g["ppl_release"])
-        rel = (cost - (math.log(base["ppl_after_attack"]) - math.log(base["ppl_release"]))
-               if base is not None else None)
+        cost = _cost(g)
+        rel = cost - _cost(base) if base is not None else None
         lines.append(row([f"`{c['model']}`", _config(c["durable"]["params"]), fmt(c["after_val_selected"]),
                           f"{fmt(g['ppl_release'], 2)} -> {fmt(g['ppl_after_attack'], 2)}", f"{cost:+.3f}",
-                          "reference" if c["model"] == d.base else (f"{rel:+.3f}" if rel is not None else "n/a")]))
+                          "reference" if c["model"] == d.base else (f"{rel:+.3f}" if rel is not None else "n/a"),
+                          *(_other(g.get("other_tasks", {}).get(t)) for t in others)]))
     return lines + [""]
+
+
+def _cost(g: dict) -> float:
+    return math.log(g["ppl_after_attack"]) - math.log(g["ppl_release"])
+
+
+def _other(g: dict | None) -> str:
+    return "" if g is None else f"{fmt(g['ppl_release'], 2)} -> {fmt(g['ppl_after_attack'], 2)} ({_cost(g):+.3f})"
 
 
 def d0_mask_label(x: dict) -> str:

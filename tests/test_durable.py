@@ -16,6 +16,7 @@ from tiny_runs import tiny_pmp_and_dense
 from torch.func import functional_call
 
 from pmp.cli import main
+from pmp.data.tasks import lm_task_from_text
 from pmp.eval import metrics as M
 from pmp.eval import sweep as sweep_module
 from pmp.eval.adaptive import heal, heal_blocks, reinit_complement, transfer_base
@@ -31,7 +32,7 @@ from pmp.eval.finetune import finetune, make_optimizer, random_layouts
 from pmp.eval.general_ability import perplexity
 from pmp.eval.models import load_model, load_tokenizer
 from pmp.eval.report import write_report
-from pmp.eval.search import best_trial
+from pmp.eval.search import best_trial, trial_attack
 from pmp.eval.sweep import Sweep
 from pmp.eval.task_data import prepare_task
 from pmp.mask import PrivateMask
@@ -146,6 +147,32 @@ def test_general_ability_after_each_attacker_arms_best_attack(env, durable_run):
         assert g["ppl_release"] == pytest.approx(perplexity(release, blocks), rel=1e-6)
         assert g["ppl_after_attack"] != pytest.approx(g["ppl_release"], rel=1e-6)  # the attack moved the model
     assert not any(c.get("stage") == "general" for c in M.classic_cells(list(cells.values())))
+
+
+def test_general_ability_also_reads_the_sweeps_other_perplexity_tasks(env, tmp_path):
+    """Collateral on the other domains: a general cell on one LM task also measures the release and the attacked
+    model on the test blocks of every other perplexity task of the sweep (not on itself, not on classification)."""
+    other = tmp_path / "generic.txt"
+    other.write_text(generate_text(20000, seed=11))
+    heldout, generic = lm_tasks(env)[0], lm_task_from_text(other)
+    cls = resolve_tasks("none", task_file=str(env.cls))[0]
+    [pmp_m, *_] = models_of(env, recovered=False)
+    sweep = DurableSweep([pmp_m], [heldout, generic, cls], tiny_durable_suite(general=True), tmp_path / "res",
+                         general_file=str(env.heal), **QUIET)
+    attack = trial_attack("general_full", "full", {"optimizer": "adamw", "lr": 1e-3, "schedule": "constant",
+                                                    "steps": 2})
+    model = load_model(env.pmp / "final", "lm", 0, seed=0)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # stands in for the attack
+    g = sweep.after_finetune(pmp_m, heldout, attack, model, TINY_LM)["general"]
+    assert set(g["other_tasks"]) == {generic.name}
+    tok = load_tokenizer(env.pmp / "final")
+    blocks = prepare_task(generic, tok, TINY_LM, 0).test["blocks"]
+    release = load_model(env.pmp / "final", "lm", 0, seed=0)
+    o = g["other_tasks"][generic.name]
+    assert o["blocks"] == len(blocks) and o["ppl_release"] == pytest.approx(perplexity(release, blocks), rel=1e-6)
+    assert o["ppl_after_attack"] == pytest.approx(perplexity(model, blocks), rel=1e-6) != o["ppl_release"]
+    assert sweep.after_finetune(pmp_m, heldout, get_attack("full_adamw_3e-4_cos"), model, TINY_LM) is None
 
 
 def test_durable_run_resumes_trial_by_trial(env, durable_run):
