@@ -54,6 +54,7 @@ from pmp.eval.sweep import Sweep, cell_id, read_cell
 from pmp.eval.task_data import DIRECTION, prepare_task, validation_size
 
 D0_DIR = "diagnostics"  # RES/diagnostics/d0__<model>__<task>.json
+GENERAL_FORMAT = 2  # what a general cell measures (2: also the other perplexity tasks); older cells are recomputed
 
 
 def _factor_tag(f: float) -> str:
@@ -278,7 +279,9 @@ class DurableSweep(Sweep):
             self._cell(m, task, a, self.seed0, extra=extra)
 
     def extra_inputs(self, attack: Attack) -> dict:
-        return {"general_text": self.general_text.digest()} if attack.name.startswith(GENERAL_PREFIX) else {}
+        if not attack.name.startswith(GENERAL_PREFIX):
+            return {}
+        return {"general_text": self.general_text.digest(), "general_format": GENERAL_FORMAT}
 
     def after_finetune(self, m: ModelSpec, task, attack: Attack, model, budget: Budget) -> dict | None:
         """A `general_*` cell: perplexity of the release and of the attacked model (its final step) on the general

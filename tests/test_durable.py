@@ -173,6 +173,10 @@ def test_general_ability_also_reads_the_sweeps_other_perplexity_tasks(env, tmp_p
     assert o["blocks"] == len(blocks) and o["ppl_release"] == pytest.approx(perplexity(release, blocks), rel=1e-6)
     assert o["ppl_after_attack"] == pytest.approx(perplexity(model, blocks), rel=1e-6) != o["ppl_release"]
     assert sweep.after_finetune(pmp_m, heldout, get_attack("full_adamw_3e-4_cos"), model, TINY_LM) is None
+    # what a general cell measures is in its inputs: cells written before (without the other tasks) are recomputed,
+    # every other cell keeps its digest
+    assert sweep.extra_inputs(attack) == {"general_text": sweep.general_text.digest(), "general_format": 2}
+    assert sweep.extra_inputs(get_attack("full_adamw_3e-4_cos")) == {}
 
 
 def test_durable_run_resumes_trial_by_trial(env, durable_run):
