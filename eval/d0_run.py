@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pmp.atomic import sha256_file, write_json
+from pmp.atomic import write_json
 from pmp.eval.attack_inputs import ModelSpec
 from pmp.eval.attacks import Budget, config_digest
 from pmp.eval.d0 import CURVATURE_ESTIMATOR, d0_diagnostic, verdict
 from pmp.eval.durable_spec import DurableSpec
 from pmp.eval.models import load_model
+from pmp.eval.sweep import release_digest
 from pmp.eval.task_data import PreparedTask
 from pmp.mask import PrivateMask
 from pmp.provenance import git_commit, versions
@@ -35,8 +36,7 @@ class Reference:
     path: Path
 
     def fingerprint(self) -> str:
-        files = sorted(self.path.glob("*.safetensors")) or sorted(self.path.glob("*.bin"))
-        return config_digest([sha256_file(f) for f in files] + [sha256_file(self.path / "config.json")])
+        return release_digest(self.path)
 
 
 @dataclass(frozen=True)

@@ -55,8 +55,13 @@ def model_sha(spec: ModelSpec) -> str:
     """The digest of a model's weights and config (from scratch: its config): what cells and D0 records are keyed by."""
     if spec.path is None:
         return "scratch:" + sha256_file(spec.config_from / "config.json")
-    files = sorted(spec.path.glob("*.safetensors")) or sorted(spec.path.glob("*.bin"))
-    return config_digest([sha256_file(f) for f in files] + [sha256_file(spec.path / "config.json")])
+    return release_digest(spec.path)
+
+
+def release_digest(path: Path) -> str:
+    """The digest of a release's weight files and config."""
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    return config_digest([sha256_file(f) for f in files] + [sha256_file(path / "config.json")])
 
 
 def applicable(spec: ModelSpec, attack: Attack) -> bool:
